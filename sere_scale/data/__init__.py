@@ -1,0 +1,1 @@
+"""Data: multi-crop with box bookkeeping, iBOT masks, folder and shard loaders."""

@@ -1,0 +1,71 @@
+"""ImageNet-style folder dataset (class sub-folders) with corrupt-image skipping and deterministic crops."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .transform import seed_sample
+
+log = logging.getLogger(__name__)
+IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif"}
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder '{root}' does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"data folder '{root}' has no class sub-folders (expected ROOT/<class>/<image>)")
+    items = []
+    for ci, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / c)):
+            for f in sorted(files):
+                if Path(f).suffix.lower() in IMG_EXT:
+                    items.append((os.path.join(dirpath, f), ci))
+    if not items:
+        raise ValueError(f"data folder '{root}' holds no images")
+    return items, classes
+
+
+def load_rgb(path: str) -> Optional[Image.Image]:
+    """Decode an image fully; ``None`` (with a warning) if it is unreadable, truncated or corrupt."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        log.warning("skipping unreadable image %s: %s", path, e)
+        return None
+
+
+class ImageFolderSSL(Dataset):
+    """Items are ``transform(image)`` dicts plus ``label``/``index``, or ``None`` for a corrupt file.
+
+    ``set_epoch`` changes the augmentation seed; each item's randomness depends only on (seed, epoch, index).
+    """
+
+    def __init__(self, root: str, transform: Callable, seed: int = 0):
+        self.items, self.classes = scan_folder(root)
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        img = load_rgb(path)
+        if img is None:
+            return None
+        seed_sample(self.seed, self.epoch, index)
+        out = self.transform(img)
+        out["label"], out["index"] = label, index
+        return out

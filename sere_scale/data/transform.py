@@ -1,0 +1,65 @@
+"""Per-sample SSL transform (multi-crop + iBOT masks) and the batch collate shared by every loader."""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import torch
+
+from .masking import MaskGenerator
+from .multicrop import MultiCrop
+
+
+def seed_sample(seed: int, epoch: int, index: int) -> None:
+    """Seed Python's and torch's RNG from (seed, epoch, index): the augmentation of a sample is a function of
+    these three alone, whatever the worker or rank, so resumed runs see identical crops."""
+    s = (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
+    random.seed(s)
+    torch.manual_seed(s)
+
+
+class SSLTransform:
+    """PIL image → ``{"crops", "boxes", "flips", "masks"}``; masks (n_global, h, w) for iBOT (zeros if off)."""
+
+    def __init__(self, multicrop: MultiCrop, patch_size: int, masks: Optional[MaskGenerator] = None):
+        self.multicrop, self.patch_size, self.masks = multicrop, patch_size, masks
+
+    @classmethod
+    def from_config(cls, cfg) -> "SSLTransform":
+        d, il = cfg.data, cfg.image_loss
+        mc = MultiCrop(d.global_size, d.local_size, d.n_global, d.n_local, d.global_scale, d.local_scale,
+                       photometric=d.photometric)
+        from ..models.backbone import patch_size_of
+        masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
+        return cls(mc, patch_size_of(cfg.model), masks)
+
+    def __call__(self, img) -> dict:
+        out = self.multicrop(img)
+        g = self.multicrop.global_size // self.patch_size
+        if self.masks is not None:
+            out["masks"] = torch.stack([self.masks(g, g) for _ in range(self.multicrop.n_global)])
+        else:
+            out["masks"] = torch.zeros(self.multicrop.n_global, g, g, dtype=torch.bool)
+        return out
+
+
+def collate_ssl(samples: list) -> dict:
+    """Stack per-sample dicts into a batch; ``None`` samples (corrupt inputs) are dropped and counted.
+
+    Batch: ``crops`` [V × (B,3,S,S)], ``boxes`` (B,V,4), ``flips`` (B,V), ``masks`` (B,n_global,h,w),
+    ``labels`` (B,), ``n_corrupt`` (int).
+    """
+    good = [s for s in samples if s is not None]
+    n_bad = len(samples) - len(good)
+    if not good:
+        return {"crops": [], "boxes": torch.zeros(0, 0, 4), "flips": torch.zeros(0, 0, dtype=torch.bool),
+                "masks": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "n_corrupt": n_bad}
+    V = len(good[0]["crops"])
+    return {
+        "crops": [torch.stack([s["crops"][v] for s in good]) for v in range(V)],
+        "boxes": torch.stack([s["boxes"] for s in good]),
+        "flips": torch.stack([s["flips"] for s in good]),
+        "masks": torch.stack([s["masks"] for s in good]),
+        "labels": torch.tensor([int(s.get("label", -1)) for s in good], dtype=torch.long),
+        "n_corrupt": n_bad,
+    }
