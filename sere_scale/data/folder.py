@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .transform import seed_sample
+from .transform import sample_rng
 
 log = logging.getLogger(__name__)
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif"}
@@ -65,7 +65,7 @@ class ImageFolderSSL(Dataset):
         img = load_rgb(path)
         if img is None:
             return None
-        seed_sample(self.seed, self.epoch, index)
-        out = self.transform(img)
+        with sample_rng(self.seed, self.epoch, index):
+            out = self.transform(img)
         out["label"], out["index"] = label, index
         return out

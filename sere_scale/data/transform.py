@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -16,6 +17,19 @@ def seed_sample(seed: int, epoch: int, index: int) -> None:
     s = (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
     random.seed(s)
     torch.manual_seed(s)
+
+
+@contextmanager
+def sample_rng(seed: int, epoch: int, index: int):
+    """Run a block under ``seed_sample(seed, epoch, index)`` and restore the caller's RNG states afterwards, so
+    loading data in the main process never disturbs the model's random streams (drop-path)."""
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        seed_sample(seed, epoch, index)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
 
 
 class SSLTransform:
