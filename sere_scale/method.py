@@ -90,3 +90,9 @@ class SEREMethod(nn.Module):
         for m in (self.dino, self.ibot):
             if m is not None:
                 m.update_center()
+
+    def discard_pending(self) -> None:
+        """Forget the teacher statistics of a skipped (non-finite) step."""
+        for m in (self.dino, self.ibot):
+            if m is not None:
+                m._sum, m._count = None, 0

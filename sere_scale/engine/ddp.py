@@ -1,0 +1,93 @@
+"""Single-process and DDP engine (gloo on CPU, NCCL on GPU)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .base import Engine, rng_state, set_rng_state
+from .params import last_layer_params, param_groups
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def __init__(self, cfg, student, teacher, method, info):
+        super().__init__(cfg, student, teacher, method, info)
+        student.to(self.device)
+        teacher.to(self.device)
+        method.to(self.device)
+        self.student = student
+        if info.distributed:
+            self.student = DDP(student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                               broadcast_buffers=False)
+        self.teacher = teacher
+        o = cfg.optim
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=o.betas, fused=fused)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.precision == "fp16"))
+        self._last = last_layer_params(student)
+        self._pairs = self._ema_pairs(student, teacher)
+
+    @staticmethod
+    def _ema_pairs(student, teacher):
+        sp = dict(student.named_parameters())
+        return [(sp[n], p) for n, p in teacher.named_parameters() if n in sp]
+
+    def no_sync(self, active: bool):
+        if active and isinstance(self.student, DDP):
+            return self.student.no_sync()
+        return super().no_sync(active)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
+        if freeze_last_layer:
+            for p in self._last:
+                p.grad = None
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        clip = self.cfg.optim.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.set_lr_wd(self.optimizer, lr, wd)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.zero_grad()
+        return norm
+
+    @torch.no_grad()
+    def ema_update(self, momentum):
+        s = [a.detach() for a, _ in self._pairs]
+        t = [b for _, b in self._pairs]
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, ckpt_dir, train_state):
+        if self.info.is_main:
+            torch.save({"student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                        "method": self.method.state_dict(), "train_state": train_state},
+                       os.path.join(ckpt_dir, "model.pt"))
+        torch.save(rng_state(), os.path.join(ckpt_dir, f"rng_rank{self.info.rank:05d}.pt"))
+
+    def load(self, ckpt_dir):
+        sd = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location=self.device, weights_only=False)
+        self.student_module.load_state_dict(sd["student"])
+        self.teacher.load_state_dict(sd["teacher"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scaler.load_state_dict(sd["scaler"])
+        self.method.load_state_dict(sd["method"])
+        rng_file = os.path.join(ckpt_dir, f"rng_rank{self.info.rank:05d}.pt")
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return sd["train_state"]
+
+    def teacher_state_dict(self):
+        return self.teacher.state_dict()

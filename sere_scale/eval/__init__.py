@@ -1,0 +1,1 @@
+"""Evaluation of pretrained backbones: k-NN (and linear probe)."""

@@ -1,0 +1,47 @@
+"""Run metrics: one JSON object per logged step in ``metrics.jsonl`` and TensorBoard scalars (rank 0)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: Optional[int] = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # drop lines logged after the checkpoint we resume from: the resumed run logs them again
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+        except ImportError:  # tensorboard is a declared dependency; tolerate its absence anyway
+            self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean, default=float) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []

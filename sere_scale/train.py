@@ -1,0 +1,214 @@
+"""The training loop: joins data, method and engine; never branches on the backend."""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointManager, find_latest
+from .config import Config, save_config
+from .data.loader import build_train_loader
+from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .engine import build_engine
+from .method import SEREMethod
+from .metrics import MetricsLogger
+from .models.network import build_student_teacher
+from .schedules import build_schedules
+
+log = logging.getLogger("sere_scale")
+
+EXIT_NONFINITE = 3
+EXIT_REQUEUE = 124  # exit code after a preemption checkpoint (slurm/ templates requeue on it)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    out = dict(batch)
+    out["crops"] = [c.to(device, non_blocking=nb) for c in batch["crops"]]
+    for k in ("boxes", "flips", "masks", "labels"):
+        out[k] = batch[k].to(device, non_blocking=nb)
+    return out
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # not the main thread
+                pass
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> dict:
+    """Run training as configured; returns a summary dict (step reached, last metrics, exit reason)."""
+    info = info or init_distributed()
+    run_dir = Path(cfg.output_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    # Models are built from the same seed on every rank (identical initial weights), then each rank gets
+    # its own random stream (drop-path).
+    torch.manual_seed(cfg.train.seed)
+    student, teacher = build_student_teacher(cfg)
+    method = SEREMethod(cfg, student.backbone.num_heads)
+    _seed_everything(cfg.train.seed, info.rank)
+    loader = build_train_loader(cfg, info.rank, info.world_size)
+    accum = cfg.train.grad_accum
+    steps_per_epoch = loader.batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has {loader.batches_per_epoch} batches per rank, fewer than "
+                         f"train.grad_accum={accum}")
+    sched = build_schedules(cfg, steps_per_epoch, info.world_size)
+    engine = build_engine(cfg, student, teacher, method, info)
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.is_main)
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "n_corrupt": 0, "n_skipped": 0}
+    if resume:
+        latest = find_latest(run_dir)
+        if latest is None:
+            log.warning("--resume: no checkpoint under %s, starting from scratch", run_dir)
+        else:
+            state = engine.load(str(latest))
+            log.info("resumed from %s (step %d)", latest, state["step"])
+    metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None)
+
+    total = sched.total_steps
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    pbar = None
+    if info.is_main and cfg.train.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        pbar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True)
+    preempt = _Preemption()
+    every = cfg.checkpoint.every_steps
+    exit_reason = "done"
+    last_record: dict = {}
+    window_t, window_imgs, window_corrupt = time.perf_counter(), 0, 0
+    global_batch = cfg.data.batch_size * info.world_size * accum
+
+    it = loader.epoch_iter(state["epoch"], state["batch"])
+    while state["step"] < total:
+        s = sched.at(state["step"])
+        outs, finite = [], True
+        for k in range(accum):
+            batch = next(it, None)
+            if batch is None:  # end of epoch (every rank has the same number of batches)
+                state["epoch"] += 1
+                state["batch"] = 0
+                it = loader.epoch_iter(state["epoch"], 0)
+                batch = next(it)
+            state["batch"] += 1
+            window_corrupt += batch["n_corrupt"]
+            batch = _to_device(batch, info.device)
+            with engine.no_sync(k < accum - 1):
+                with engine.autocast():
+                    out = method(engine.student, engine.teacher, batch, s)
+                ok = torch.isfinite(out["loss"].detach()).float()
+                if not bool(all_reduce_sum(ok.clone()).item() == info.world_size):
+                    finite = False
+                    break
+                engine.backward(out["loss"] / accum)
+            outs.append(out)
+        if not finite:
+            engine.zero_grad()
+            method.discard_pending()
+            if cfg.train.nonfinite == "skip":
+                state["n_skipped"] += 1
+                log.warning("non-finite loss at step %d: step skipped (%d so far)", state["step"], state["n_skipped"])
+                state["step"] += 1
+                continue
+            saved = ckpt.save(engine, dict(state))
+            msg = (f"non-finite loss at step {state['step']} (loss components: "
+                   f"{ {k: float(v) for k, v in out.items() if k.startswith('loss')} }); the last good state is "
+                   f"checkpointed at {saved}. Lower the lr, or set train.nonfinite=skip to skip such steps.")
+            metrics.close()
+            raise NonFiniteLoss(msg)
+        grad_norm = engine.step(s["lr"], s["wd"], s["epoch"] < cfg.optim.freeze_last_layer)
+        engine.ema_update(s["momentum"])
+        method.after_step()
+        state["step"] += 1
+        if state["batch"] >= steps_per_epoch * accum:  # epoch end; leftover (batches % accum) micro-batches dropped
+            state["epoch"] += 1
+            state["batch"] = 0
+            it = loader.epoch_iter(state["epoch"], 0)
+        window_imgs += global_batch
+        if pbar is not None:
+            pbar.update(1)
+
+        step = state["step"]
+        if step % cfg.train.log_every == 0 or step == total:
+            dt = time.perf_counter() - window_t
+            corrupt = int(all_reduce_sum(torch.tensor([float(window_corrupt)], device=info.device)).item())
+            state["n_corrupt"] += corrupt
+            rec = {"step": step, "epoch": s["epoch"], "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"],
+                   "teacher_temp": s["teacher_temp"], "img_per_s": window_imgs / max(dt, 1e-9),
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "n_corrupt": state["n_corrupt"], "n_skipped": state["n_skipped"]}
+            for key in outs[0]:
+                rec[key] = sum(float(o[key]) for o in outs) / len(outs)
+            metrics.log(rec)
+            last_record = rec
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{rec['loss']:.4f}")
+            elif info.is_main:
+                log.info("step %d/%d loss %.4f (image %.4f spatial %.4f channel %.4f) %.1f img/s", step, total,
+                         rec["loss"], rec["loss_image"], rec["loss_spatial"], rec["loss_channel"], rec["img_per_s"])
+            window_t, window_imgs, window_corrupt = time.perf_counter(), 0, 0
+
+        stop_now = bool(all_reduce_sum(torch.tensor([float(preempt.flag)], device=info.device)).item() > 0) \
+            if info.distributed else preempt.flag
+        if step % every == 0 or step == total or stop_now:
+            ckpt.save(engine, dict(state))
+        if stop_now:
+            exit_reason = "preempted"
+            break
+    if pbar is not None:
+        pbar.close()
+    metrics.close()
+    return {"step": state["step"], "exit": exit_reason, "last": last_record, "engine": engine}
+
+
+def main_train(cfg: Config, resume: bool) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    info = init_distributed()
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        result = train(cfg, resume=resume, info=info)
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        cleanup()
+        return EXIT_NONFINITE
+    cleanup()
+    if result["exit"] == "preempted":
+        log.warning("preempted at step %d: checkpoint written, exiting with %d for requeue", result["step"],
+                    EXIT_REQUEUE)
+        return EXIT_REQUEUE
+    if info.is_main and result["last"]:
+        last = result["last"]
+        log.info("finished at step %d, loss %.4f", result["step"], last.get("loss", math.nan))
+    return 0
