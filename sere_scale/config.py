@@ -209,6 +209,11 @@ def _coerce(key: str, value: Any, hint) -> Any:
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # PyYAML reads '1e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
         return float(value)

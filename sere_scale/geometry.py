@@ -21,9 +21,10 @@ def overlap_boxes(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.stack([x1, y1, x2, y2], dim=-1), valid
 
 
-def region_grid(view_boxes: torch.Tensor, flips: torch.Tensor, regions: torch.Tensor, size: int) -> torch.Tensor:
-    """``grid_sample`` grid (B, size, size, 2) of the cell centres of ``regions`` in each view's frame."""
-    dtype = torch.float32
+def region_grid(view_boxes: torch.Tensor, flips: torch.Tensor, regions: torch.Tensor, size: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``grid_sample`` grid (B, size, size, 2) of the cell centres of ``regions`` in each view's frame
+    (computed in fp32, or fp64 for fp64 features)."""
     vb, rg = view_boxes.to(dtype), regions.to(dtype)
     c = (torch.arange(size, device=vb.device, dtype=dtype) + 0.5) / size  # cell centres in [0, 1]
     xs = rg[:, 0:1] + c[None] * (rg[:, 2:3] - rg[:, 0:1])  # (B, S) original x, left→right
@@ -43,5 +44,6 @@ def region_aligned_sample(features: torch.Tensor, view_boxes: torch.Tensor, flip
     Returns (B, C, size, size); row r / column c is cell (r, c) of the region, top→bottom and left→right in the
     original image's orientation, so two views sampled on one region align element by element.
     """
-    grid = region_grid(view_boxes, flips, regions, size).to(features.dtype)
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    grid = region_grid(view_boxes, flips, regions, size, dtype).to(features.dtype)
     return F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)

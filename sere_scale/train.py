@@ -143,7 +143,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                 continue
             saved = ckpt.save(engine, dict(state))
             msg = (f"non-finite loss at step {state['step']} (loss components: "
-                   f"{ {k: float(v) for k, v in out.items() if k.startswith('loss')} }); the last good state is "
+                   f"{ {k: float(v.detach()) for k, v in out.items() if k.startswith('loss')} }); the last good state is "
                    f"checkpointed at {saved}. Lower the lr, or set train.nonfinite=skip to skip such steps.")
             metrics.close()
             raise NonFiniteLoss(msg)
@@ -169,7 +169,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "n_corrupt": state["n_corrupt"], "n_skipped": state["n_skipped"]}
             for key in outs[0]:
-                rec[key] = sum(float(o[key]) for o in outs) / len(outs)
+                rec[key] = sum(float(o[key].detach()) for o in outs) / len(outs)
             metrics.log(rec)
             last_record = rec
             if pbar is not None:

@@ -1,0 +1,127 @@
+"""End-to-end training on CPU: run directory, exact resume, corrupt images, non-finite losses."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from sere_scale.checkpoint import find_latest
+from sere_scale.method import SEREMethod
+from sere_scale.metrics import read_metrics
+from sere_scale.train import NonFiniteLoss, train
+from tests.tiny import tiny_config
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, digits_root):
+    """3 classes × 12 images of the digits set."""
+    root = tmp_path_factory.mktemp("small")
+    for c in sorted((digits_root / "train").iterdir())[:3]:
+        (root / c.name).mkdir()
+        for f in sorted(c.iterdir())[:12]:
+            shutil.copy(f, root / c.name / f.name)
+    return root
+
+
+def test_run_directory_contents(tmp_path, small_data):
+    cfg = tiny_config(tmp_path / "run", small_data, "train.max_steps=3")
+    out = train(cfg)
+    assert out["step"] == 3
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 3 and saved["data"]["path"] == str(small_data)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("step", "epoch", "loss", "loss_image", "loss_spatial", "loss_channel", "lr", "img_per_s",
+                "teacher_entropy", "loss_image_norm", "feature_std"):
+        assert key in rows[0], key
+    for r in rows:  # the logged total is the weighted sum of the parts
+        w = cfg.sere
+        assert r["loss"] == pytest.approx(w.w_image * r["loss_image"] + w.alpha * r["loss_spatial"]
+                                          + w.beta * r["loss_channel"], rel=1e-5)
+    assert list((run / "tb").glob("events.*"))
+    assert find_latest(run).name == "step_00000003"
+
+
+def _crash_after(monkeypatch, n_calls):
+    orig = SEREMethod.forward
+    calls = {"n": 0}
+
+    def forward(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > n_calls:
+            raise KeyboardInterrupt("simulated crash")
+        return orig(self, *a, **k)
+    monkeypatch.setattr(SEREMethod, "forward", forward)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_reproduces_the_uninterrupted_curve(tmp_path, small_data, monkeypatch, accum):
+    extra = ["train.max_steps=7", f"train.grad_accum={accum}", "data.batch_size=4"]
+    ref = train(tiny_config(tmp_path / "ref", small_data, *extra))
+    assert ref["step"] == 7
+    run = tmp_path / "crash"
+    with monkeypatch.context() as m:
+        _crash_after(m, 5 * accum)  # dies during step 6; last checkpoint at step 3
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(run, small_data, *extra))
+    assert find_latest(run).name == "step_00000003"
+    assert read_metrics(run)[-1]["step"] == 5
+    train(tiny_config(run, small_data, *extra), resume=True)
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 8))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "loss_image", "loss_spatial", "loss_channel", "lr", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, small_data, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    first = sorted(data.iterdir())[0]
+    (first / "zero.png").write_bytes(b"")
+    good = sorted(first.glob("*.png"))[1].read_bytes()
+    (first / "truncated.png").write_bytes(good[: len(good) // 2])
+    (first / "garbage.jpg").write_bytes(b"not an image at all" * 10)
+    # 36 + 3 = 39 images, batch 13: one epoch of 3 steps covers every file
+    cfg = tiny_config(tmp_path / "run", data, "data.batch_size=13", "train.max_steps=3", "train.log_every=3")
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    assert read_metrics(tmp_path / "run")[-1]["n_corrupt"] == 3
+    assert sum("skipping unreadable image" in r.message for r in caplog.records) == 3
+
+
+def _nan_at(monkeypatch, call):
+    orig = SEREMethod.forward
+    calls = {"n": 0}
+
+    def forward(self, *a, **k):
+        out = orig(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == call:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(SEREMethod, "forward", forward)
+
+
+def test_nonfinite_loss_stops_with_a_good_checkpoint(tmp_path, small_data, monkeypatch):
+    _nan_at(monkeypatch, 5)
+    cfg = tiny_config(tmp_path / "run", small_data, "train.max_steps=8")
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 4"):
+        train(cfg)
+    latest = find_latest(tmp_path / "run")
+    assert latest.name == "step_00000004"
+    sd = torch.load(latest / "model.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in sd["student"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in sd["method"].values())  # centers untouched by the NaN step
+
+
+def test_nonfinite_loss_skip_policy_counts(tmp_path, small_data, monkeypatch):
+    _nan_at(monkeypatch, 2)
+    cfg = tiny_config(tmp_path / "run", small_data, "train.max_steps=4", "train.nonfinite=skip")
+    out = train(cfg)
+    assert out["step"] == 4
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["n_skipped"] == 1
+    assert all(json.dumps(r) for r in rows)
