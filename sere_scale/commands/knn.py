@@ -1,0 +1,18 @@
+"""``sere-scale knn --checkpoint RUN --train-data DIR --val-data DIR``"""
+
+
+def add_parser(sub):
+    p = sub.add_parser("knn", help="k-NN evaluation of a checkpoint's teacher backbone")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--train-data", required=True, help="image folder of labelled training images")
+    p.add_argument("--val-data", required=True, help="image folder of labelled validation images")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--random-init", action="store_true", help="evaluate the backbone at random init instead")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..eval.knn import knn_main
+    return knn_main(args)

@@ -1,0 +1,16 @@
+"""``sere-scale train --config FILE [key=value ...] [--resume]``"""
+
+
+def add_parser(sub):
+    from ..cli import add_config_args
+    p = sub.add_parser("train", help="pretrain (one process, or DDP/FSDP/DeepSpeed under a launcher)")
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..train import main_train
+    cfg = load_config(args.config, args.overrides)
+    return main_train(cfg, args.resume)
