@@ -5,6 +5,7 @@ Knows nothing of the engine (DDP/FSDP/DeepSpeed): ``student`` and ``teacher`` ar
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,9 +16,14 @@ from .losses import ChannelRelationLoss, DINOLoss, IBOTPatchLoss, SpatialRelatio
 from .losses.sere import tokens_to_map
 
 
+def _no_timer(name: str):
+    return contextlib.nullcontext()
+
+
 class SEREMethod(nn.Module):
     def __init__(self, cfg, num_heads: int):
         super().__init__()
+        self.timer = _no_timer  # the profiler swaps in a region timer (teacher/student forward, losses)
         il, s = cfg.image_loss, cfg.sere
         self.n_global = cfg.data.n_global
         self.kind = il.kind
@@ -44,14 +50,20 @@ class SEREMethod(nn.Module):
         if self.ibot is not None:
             m = batch["masks"]  # (B, n_g, h, w) → view-major (n_g·B, h, w)
             masks = m.transpose(0, 1).reshape(-1, *m.shape[2:])
-        with torch.no_grad():
+        with torch.no_grad(), self.timer("teacher_forward"):
             t_out = teacher(g, None, None, predict=False)["global"]
-        s_all = student(g, loc, masks, predict=True)
+        with self.timer("student_forward"):
+            s_all = student(g, loc, masks, predict=True)
+        with self.timer("losses"):
+            return self._losses(batch, t_out, s_all, masks, sched, ng, nl)
+
+    def _losses(self, batch, t_out, s_all, masks, sched, ng, nl) -> dict:
         s_g, s_l = s_all["global"], s_all["local"]
+        g_device = t_out["cls"].device
         out = {}
 
         # ---- image-level loss L_I
-        loss_image = torch.zeros((), device=g.device)
+        loss_image = torch.zeros((), device=g_device)
         if self.dino is not None:
             s_cls = self._views(s_g["cls_logits"], ng) + (self._views(s_l["cls_logits"], nl) if nl else [])
             t_cls = self._views(t_out["cls_logits"], ng)
