@@ -11,6 +11,7 @@ from .config import ConfigError
 COMMANDS = [
     "sere_scale.commands.train",
     "sere_scale.commands.knn",
+    "sere_scale.commands.profile",
 ]
 
 

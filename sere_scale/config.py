@@ -106,6 +106,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
+    log_mfu: bool = True  # count one step's FLOPs at start; log mfu and data_wait_pct
 
 
 @dataclass

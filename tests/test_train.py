@@ -34,7 +34,7 @@ def test_run_directory_contents(tmp_path, small_data):
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("step", "epoch", "loss", "loss_image", "loss_spatial", "loss_channel", "lr", "img_per_s",
-                "teacher_entropy", "loss_image_norm", "feature_std"):
+                "teacher_entropy", "loss_image_norm", "feature_std", "mfu", "data_wait_pct"):
         assert key in rows[0], key
     for r in rows:  # the logged total is the weighted sum of the parts
         w = cfg.sere
@@ -125,3 +125,9 @@ def test_nonfinite_loss_skip_policy_counts(tmp_path, small_data, monkeypatch):
     rows = read_metrics(tmp_path / "run")
     assert rows[-1]["n_skipped"] == 1
     assert all(json.dumps(r) for r in rows)
+
+
+def test_live_mfu_and_data_wait_are_plausible(tmp_path, small_data):
+    train(tiny_config(tmp_path / "run", small_data, "train.max_steps=2"))
+    rows = read_metrics(tmp_path / "run")
+    assert all(0 < r["mfu"] < 1 and 0 <= r["data_wait_pct"] <= 100 for r in rows)
