@@ -32,6 +32,11 @@ def _slab(x: torch.Tensor, lo: int, hi: int, scale: float) -> torch.Tensor:
 class _ChunkedRelationCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, student_scale, teacher_scale, block):
+        with torch.autocast(student.device.type, enabled=False):  # logits stay fp32 under autocast
+            return _ChunkedRelationCE._forward(ctx, student, teacher, student_scale, teacher_scale, block)
+
+    @staticmethod
+    def _forward(ctx, student, teacher, student_scale, teacher_scale, block):
         s = student.detach().float()
         t = teacher.detach().float()
         groups, rows, _ = s.shape
@@ -56,6 +61,11 @@ class _ChunkedRelationCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_groups):
+        with torch.autocast(grad_groups.device.type, enabled=False):
+            return _ChunkedRelationCE._backward(ctx, grad_groups)
+
+    @staticmethod
+    def _backward(ctx, grad_groups):
         student, teacher, lse_s, lse_t = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
@@ -79,10 +89,15 @@ class _ChunkedRelationCE(torch.autograd.Function):
 
 def relation_ce_rows_chunked(student: torch.Tensor, teacher: torch.Tensor, student_scale: float,
                              teacher_scale: float, block_rows: Optional[int] = None,
-                             block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
-    """Per-group mean over rows of the relation CE, (G,) fp32; ``block_rows`` overrides the element budget."""
+                             block_elems: Optional[int] = None) -> torch.Tensor:
+    """Per-group mean over rows of the relation CE, (G,) fp32.
+
+    Rows per block: ``block_rows`` if given, else the most rows whose (G, block, R) slab fits ``block_elems``
+    (default: the module-level ``DEFAULT_BLOCK_ELEMS``, read at call time so it can be tuned globally).
+    """
     groups, rows, _ = student.shape
-    block = block_rows if block_rows is not None else block_rows_for(groups, rows, block_elems)
-    if block < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block}")
-    return _ChunkedRelationCE.apply(student, teacher, float(student_scale), float(teacher_scale), int(block))
+    if block_rows is None:
+        block_rows = block_rows_for(groups, rows, block_elems or DEFAULT_BLOCK_ELEMS)
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    return _ChunkedRelationCE.apply(student, teacher, float(student_scale), float(teacher_scale), int(block_rows))
