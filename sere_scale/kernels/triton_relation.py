@@ -1,11 +1,11 @@
 """Fused Triton relation cross-entropy: never materialises an R×R matrix (see docs/KERNELS.md).
 
-Forward, one program per (row block, group): streams column tiles of S = a·XsXsᵀ and T = b·XtXtᵀ and keeps, per
+Forward, one program per (group, row block): streams column tiles of S = a·XsXsᵀ and T = b·XtXtᵀ and keeps, per
 row, an online log-sum-exp of S, an online log-sum-exp of T and the running Σ_j exp(T_ij - m_t) S_ij (rescaled
 whenever the teacher max moves), so CE_i = lse_s_i - Σ_j p_t_ij S_ij comes out of a single pass.
 Saved for backward: the inputs and two floats per row (lse_s, lse_t).
 
-Backward, one program per (row block, D chunk, group): both Gram matrices are symmetric, so
+Backward, one program per (group, D chunk, row block): both Gram matrices are symmetric, so
 dX_i = c_g Σ_j (dS_ij + dS_ji) X_j with dS_ij = softmax(S)_ij - p_t_ij, and dS_ji only needs the column
 statistics lse_s_j, lse_t_j. Every program owns its output rows: no atomics, no transposed pass.
 
@@ -64,8 +64,11 @@ def _gram_tile(x_ptr, offs_m, offs_n, R, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 def _relation_ce_fwd(s_ptr, t_ptr, ce_ptr, lse_s_ptr, lse_t_ptr, R, DS, DT, s_scale, t_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr):
-    pid_m = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
+    # 1-D grid, row blocks of one group adjacent (they share the group's X in L2); G may exceed 65535.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(R, BLOCK_M)
+    pid_m = pid % n_m
+    g = (pid // n_m).to(tl.int64)
     s_base = s_ptr + g * R * DS
     t_base = t_ptr + g * R * DT
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -103,9 +106,12 @@ def _relation_ce_fwd(s_ptr, t_ptr, ce_ptr, lse_s_ptr, lse_t_ptr, R, DS, DT, s_sc
 def _relation_ce_bwd(s_ptr, t_ptr, lse_s_ptr, lse_t_ptr, coef_ptr, dx_ptr, R, DS, DT, s_scale, t_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                      UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(R, BLOCK_M)
+    n_d = tl.cdiv(DS, BLOCK_D)
+    pid_m = pid % n_m
+    pid_d = (pid // n_m) % n_d
+    g = (pid // (n_m * n_d)).to(tl.int64)
     s_base = s_ptr + g * R * DS
     t_base = t_ptr + g * R * DT
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,7 +168,7 @@ class _TritonRelationCE(torch.autograd.Function):
         lse_s = torch.empty_like(ce)
         lse_t = torch.empty_like(ce)
         (up_s, ieee_s), (up_t, ieee_t) = _flags(s), _flags(t)
-        grid = (triton.cdiv(rows, blocks.block_m), groups)
+        grid = (triton.cdiv(rows, blocks.block_m) * groups,)
         _relation_ce_fwd[grid](s, t, ce, lse_s, lse_t, rows, ds, dt, student_scale, teacher_scale,
                                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=block_k,
                                UPCAST_S=up_s, UPCAST_T=up_t, IEEE_S=ieee_s, IEEE_T=ieee_t,
@@ -182,7 +188,7 @@ class _TritonRelationCE(torch.autograd.Function):
         block_d = blocks.block_d or _pow2_clamp(ds, 16, 128)
         dx = torch.empty_like(s)
         (up_s, ieee_s), (up_t, ieee_t) = _flags(s), _flags(t)
-        grid = (triton.cdiv(rows, blocks.block_m), triton.cdiv(ds, block_d), groups)
+        grid = (triton.cdiv(rows, blocks.block_m) * triton.cdiv(ds, block_d) * groups,)
         _relation_ce_bwd[grid](s, t, lse_s, lse_t, coef, dx, rows, ds, t.shape[2], student_scale, teacher_scale,
                                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=block_k, BLOCK_D=block_d,
                                UPCAST_S=up_s, UPCAST_T=up_t, IEEE_S=ieee_s, IEEE_T=ieee_t,
