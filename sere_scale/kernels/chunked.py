@@ -46,14 +46,16 @@ class _ChunkedRelationCE(torch.autograd.Function):
         for lo in range(0, rows, block):
             hi = min(rows, lo + block)
             s_blk = _slab(s, lo, hi, student_scale)
-            t_blk = _slab(t, lo, hi, teacher_scale)
             lse_s[:, lo:hi] = torch.logsumexp(s_blk, dim=-1)
-            lse_t[:, lo:hi] = torch.logsumexp(t_blk, dim=-1)
-            t_blk.sub_(lse_t[:, lo:hi, None]).exp_()  # teacher softmax in place
-            # CE_i = lse_s_i - sum_j p_t_ij s_ij
-            cross = t_blk.mul_(s_blk).sum(-1)
+            t_blk = _slab(t, lo, hi, teacher_scale)
+            m_t = t_blk.amax(-1, keepdim=True)
+            e_t = t_blk.sub_(m_t).exp_()  # unnormalised teacher softmax, in place
+            l_t = e_t.sum(-1)
+            lse_t[:, lo:hi] = m_t.squeeze(-1) + l_t.log()
+            # CE_i = lse_s_i - Σ_j p_t_ij s_ij, p_t = e_t / l_t
+            cross = e_t.mul_(s_blk).sum(-1) / l_t
             ce_sum += (lse_s[:, lo:hi] - cross).sum(-1)
-            del s_blk, t_blk
+            del s_blk, t_blk, e_t
         ctx.save_for_backward(student, teacher, lse_s, lse_t)
         ctx.scales = (student_scale, teacher_scale)
         ctx.block = block
@@ -81,8 +83,8 @@ class _ChunkedRelationCE(torch.autograd.Function):
             p_t = _slab(t, lo, hi, teacher_scale).sub_(lse_t[:, lo:hi, None]).exp_()
             ds.sub_(p_t).mul_(coef)
             del p_t
-            dx[:, lo:hi].baddbmm_(ds, s)
-            dx.baddbmm_(ds.transpose(1, 2), s[:, lo:hi])
+            dx[:, lo:hi] += torch.bmm(ds, s)  # bmm into fresh outputs: baddbmm_ on views loops per group
+            dx += torch.bmm(ds.transpose(1, 2), s[:, lo:hi])
             del ds
         return dx.to(student.dtype), None, None, None, None
 
