@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sere_scale.kernels import chunked, relation_cross_entropy  # noqa: E402
+from sere_scale.kernels import chunked, relation_cross_entropy
 
 # name: (G, R, Ds, Dt, description)
 PRESETS = {
@@ -121,7 +121,7 @@ def measure(impl, G, R, Ds, Dt, device, dtype, repeats, warmup):
                 "step_ms": statistics.median(full)}
     except torch.OutOfMemoryError:
         return {"error": "OOM"}
-    except Exception as e:  # keep the table going (CPU allocation failure, compile error, ...)
+    except Exception as e:  # noqa: BLE001 -- keep the table going (CPU allocation failure, compile error, ...)
         first = (str(e).splitlines() or [""])[0]
         return {"error": f"{type(e).__name__}: {first}"[:80]}
 
@@ -134,7 +134,7 @@ def measure_isolated(args, impl, size):
     if args.block_elems:
         cmd += ["--block-elems", str(args.block_elems)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["crashed"])[-1][:60]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -155,7 +155,9 @@ def table(rows):
             continue
         ok = base is not None and "error" not in base
         t_ratio = res["step_ms"] / base["step_ms"] if ok else None
-        m_ratio = base["peak_mib"] / max(res["peak_mib"], 1e-9) if ok else None
+        # RSS deltas are only good to ~1 MiB: no ratio below that
+        m_ok = ok and min(res["peak_mib"], base["peak_mib"]) >= 1.0
+        m_ratio = base["peak_mib"] / res["peak_mib"] if m_ok else None
         dloss = abs(res["loss"] - base["loss"]) if ok else None
         lines.append(f"| {name} | {dims} | {impl} | {res['fwd_ms']:.1f} | {res['step_ms']:.1f} | "
                      f"{res['peak_mib']:.1f} | {fmt(t_ratio, '.2f')}× | {fmt(m_ratio, '.1f')}× | "
@@ -180,7 +182,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.block_elems:
-        chunked.DEFAULT_BLOCK_ELEMS = args.block_elems
+        chunked.DEFAULT_BLOCK_ELEMS = chunked.DEFAULT_BLOCK_ELEMS_CUDA = args.block_elems
     dtype = DTYPES[args.dtype]
     if args.child:
         job = json.loads(args.child)
@@ -209,8 +211,9 @@ def main(argv=None):
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({args.threads} threads)"
+    budget = chunked.DEFAULT_BLOCK_ELEMS_CUDA if args.device == "cuda" else chunked.DEFAULT_BLOCK_ELEMS
     print(f"device: {dev}, dtype: {args.dtype}, repeats: {args.repeats} (median), "
-          f"chunked block budget: {chunked.DEFAULT_BLOCK_ELEMS} elements\n")
+          f"chunked block budget: {budget} elements\n")
     print(table(rows))
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import sere_scale.kernels as kernels
+from sere_scale import kernels
 from sere_scale.kernels import chunked, relation_cross_entropy, resolve_impl
 from sere_scale.kernels.chunked import block_rows_for, relation_ce_rows_chunked
 from tests.relation_reference import make_inputs, reference_grad, reference_loss, reference_rows

@@ -17,8 +17,6 @@ Implementations (``impl``; see docs/KERNELS.md):
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .chunked import relation_ce_rows_chunked
@@ -57,7 +55,7 @@ _ROWS = {"plain": relation_ce_rows, "chunked": relation_ce_rows_chunked, "triton
 
 
 def relation_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, student_scale: float,
-                           teacher_scale: float, weights: Optional[torch.Tensor] = None,
+                           teacher_scale: float, weights: torch.Tensor | None = None,
                            impl: str = "auto") -> torch.Tensor:
     if student.dim() != 3 or teacher.dim() != 3:
         raise ValueError(f"relation_cross_entropy expects (G, R, D) inputs, got {tuple(student.shape)} "
@@ -73,4 +71,4 @@ def relation_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, student
     return weighted_mean(rows(student, teacher, student_scale, teacher_scale), weights)
 
 
-__all__ = ["relation_cross_entropy", "resolve_impl", "triton_available", "IMPLS"]
+__all__ = ["IMPLS", "relation_cross_entropy", "resolve_impl", "triton_available"]

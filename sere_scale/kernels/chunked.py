@@ -10,13 +10,13 @@ Extra memory: O(G·block·R) for the slab temporaries + O(G·R) statistics, inst
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-# Elements (fp32) of one (G, block, R) slab. About five slab-sized temporaries are live at once, so the default
-# bounds the transient memory to roughly 5 * 4 B * 2**22 = 80 MiB whatever G and R are.
+# Elements (fp32) of one (G, block, R) slab. Two to three slab-sized temporaries are live at once, so the CPU
+# default bounds the transient memory to about 3 * 4 B * 2**22 = 48 MiB whatever G and R are. On CUDA (the
+# fallback when triton is missing) small slabs would make the loop launch-bound, so the budget is larger.
 DEFAULT_BLOCK_ELEMS = 1 << 22
+DEFAULT_BLOCK_ELEMS_CUDA = 1 << 26
 
 
 def block_rows_for(groups: int, rows: int, block_elems: int = DEFAULT_BLOCK_ELEMS) -> int:
@@ -74,7 +74,7 @@ class _ChunkedRelationCE(torch.autograd.Function):
         student_scale, teacher_scale = ctx.scales
         s = student.detach().float()
         t = teacher.detach().float()
-        groups, rows, _ = s.shape
+        rows = s.shape[1]
         coef = (grad_groups.float() * (student_scale / rows))[:, None, None]
         dx = torch.zeros_like(s)
         for lo in range(0, rows, ctx.block):
@@ -90,16 +90,17 @@ class _ChunkedRelationCE(torch.autograd.Function):
 
 
 def relation_ce_rows_chunked(student: torch.Tensor, teacher: torch.Tensor, student_scale: float,
-                             teacher_scale: float, block_rows: Optional[int] = None,
-                             block_elems: Optional[int] = None) -> torch.Tensor:
+                             teacher_scale: float, block_rows: int | None = None,
+                             block_elems: int | None = None) -> torch.Tensor:
     """Per-group mean over rows of the relation CE, (G,) fp32.
 
     Rows per block: ``block_rows`` if given, else the most rows whose (G, block, R) slab fits ``block_elems``
-    (default: the module-level ``DEFAULT_BLOCK_ELEMS``, read at call time so it can be tuned globally).
+    (default: the module-level ``DEFAULT_BLOCK_ELEMS[_CUDA]``, read at call time so it can be tuned globally).
     """
     groups, rows, _ = student.shape
     if block_rows is None:
-        block_rows = block_rows_for(groups, rows, block_elems or DEFAULT_BLOCK_ELEMS)
+        default = DEFAULT_BLOCK_ELEMS_CUDA if student.is_cuda else DEFAULT_BLOCK_ELEMS
+        block_rows = block_rows_for(groups, rows, block_elems or default)
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     return _ChunkedRelationCE.apply(student, teacher, float(student_scale), float(teacher_scale), int(block_rows))

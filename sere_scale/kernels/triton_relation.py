@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -29,8 +28,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class TritonBlocks:
     block_m: int = 64
     block_n: int = 64
-    block_k: Optional[int] = None  # default: next power of two of D, clamped to [16, 64]
-    block_d: Optional[int] = None  # dX columns per backward program; default: next pow2 of Ds, clamped to [16, 128]
+    block_k: int | None = None  # default: next power of two of D, clamped to [16, 64]
+    block_d: int | None = None  # dX columns per backward program; default: next pow2 of Ds, clamped to [16, 128]
     num_warps: int = 4
 
 
@@ -197,7 +196,7 @@ class _TritonRelationCE(torch.autograd.Function):
 
 
 def relation_ce_rows_triton(student: torch.Tensor, teacher: torch.Tensor, student_scale: float,
-                            teacher_scale: float, blocks: Optional[TritonBlocks] = None) -> torch.Tensor:
+                            teacher_scale: float, blocks: TritonBlocks | None = None) -> torch.Tensor:
     """Per-group mean over rows of the relation CE, (G,) fp32, via the fused kernels."""
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dtype not in SUPPORTED_DTYPES:
