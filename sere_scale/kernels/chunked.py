@@ -11,6 +11,7 @@ Extra memory: O(G·block·R) for the slab temporaries + O(G·R) statistics, inst
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # Elements (fp32) of one (G, block, R) slab. Two to three slab-sized temporaries are live at once, so the CPU
 # default bounds the transient memory to about 3 * 4 B * 2**22 = 48 MiB whatever G and R are. On CUDA (the
@@ -62,6 +63,7 @@ class _ChunkedRelationCE(torch.autograd.Function):
         return ce_sum / rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_groups):
         with torch.autocast(grad_groups.device.type, enabled=False):
             return _ChunkedRelationCE._backward(ctx, grad_groups)

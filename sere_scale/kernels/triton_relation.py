@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -177,6 +178,7 @@ class _TritonRelationCE(torch.autograd.Function):
         return ce.mean(-1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_groups):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
