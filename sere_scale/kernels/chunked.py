@@ -85,8 +85,8 @@ class _ChunkedRelationCE(torch.autograd.Function):
             p_t = _slab(t, lo, hi, teacher_scale).sub_(lse_t[:, lo:hi, None]).exp_()
             ds.sub_(p_t).mul_(coef)
             del p_t
-            dx[:, lo:hi] += torch.bmm(ds, s)  # bmm into fresh outputs: baddbmm_ on views loops per group
-            dx += torch.bmm(ds.transpose(1, 2), s[:, lo:hi])
+            dx[:, lo:hi] += torch.bmm(ds, s)  # (G, block, D) temporary; baddbmm_ into this view loops per group
+            dx.baddbmm_(ds.transpose(1, 2), s[:, lo:hi])  # in place: no (G, R, D) temporary
             del ds
         return dx.to(student.dtype), None, None, None, None
 
