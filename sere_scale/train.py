@@ -83,6 +83,13 @@ class _Preemption:
         self.flag = True
 
 
+def _global_count(local: int, info: DistInfo) -> int:
+    """Sum of a per-rank count over all ranks."""
+    if not info.distributed:
+        return int(local)
+    return int(all_reduce_sum(torch.tensor([float(local)], device=info.device)).item())
+
+
 def _seed_everything(seed: int, rank: int) -> None:
     import random
 
@@ -197,8 +204,8 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
         step = state["step"]
         if step % cfg.train.log_every == 0 or step == total:
             dt = time.perf_counter() - window_t
-            corrupt = int(all_reduce_sum(torch.tensor([float(window_corrupt)], device=info.device)).item())
-            state["n_corrupt"] += corrupt
+            state["n_corrupt"] += _global_count(window_corrupt, info)
+            window_corrupt = 0
             rec = {"step": step, "epoch": s["epoch"], "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"],
                    "teacher_temp": s["teacher_temp"], "img_per_s": window_imgs / max(dt, 1e-9),
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -220,6 +227,8 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
         stop_now = bool(all_reduce_sum(torch.tensor([float(preempt.flag)], device=info.device)).item() > 0) \
             if info.distributed else preempt.flag
         if step % every == 0 or step == total or stop_now:
+            state["n_corrupt"] += _global_count(window_corrupt, info)
+            window_corrupt = 0
             ckpt.save(engine, dict(state))
         if stop_now:
             exit_reason = "preempted"
