@@ -59,8 +59,12 @@ class LiveMFU:
         return self.flops_per_step * steps / max(seconds, 1e-12) / self.peak
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def _to_device(batch: dict, device: torch.device, augment=None, position: tuple = (0, 0)) -> dict:
+    """Move a batch to ``device``; an encoded batch (``data.augment=gpu``) is first decoded and multi-cropped
+    there by ``augment`` (``data.encoded.DeviceAugment``), seeded by ``position`` = (epoch, batch index)."""
     nb = device.type == "cuda"
+    if "encoded" in batch:
+        batch = augment(batch, *position)
     out = dict(batch)
     out["crops"] = [c.to(device, non_blocking=nb) for c in batch["crops"]]
     for k in ("boxes", "flips", "masks", "labels"):
@@ -113,6 +117,10 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     method = SEREMethod(cfg, student.backbone.num_heads)
     _seed_everything(cfg.train.seed, info.rank)
     loader = build_train_loader(cfg, info.rank, info.world_size)
+    augment = None
+    if cfg.data.augment == "gpu":
+        from .data.encoded import DeviceAugment
+        augment = DeviceAugment.from_config(cfg, info.device, info.rank)
     accum = cfg.train.grad_accum
     steps_per_epoch = loader.batches_per_epoch // accum
     if steps_per_epoch < 1:
@@ -162,9 +170,10 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                     it = loader.epoch_iter(state["epoch"], 0)
                     batch = next(it)
                 window_wait += time.perf_counter() - t_wait
+                position = (state["epoch"], state["batch"])
                 state["batch"] += 1
+                batch = _to_device(batch, info.device, augment, position)
                 window_corrupt += batch["n_corrupt"]
-                batch = _to_device(batch, info.device)
                 with engine.no_sync(k < accum - 1):
                     with engine.autocast():
                         out = method(engine.student, engine.teacher, batch, s)
