@@ -150,21 +150,31 @@ class GPUMultiCrop:
             out[k, :, h, :w + 1] = out[k, :, h - 1, :w + 1]
         return out.float()
 
-    def _crop(self, imgs: list, crop: torch.Tensor, flip: torch.Tensor, views: range, size: int) -> torch.Tensor:
-        """(len(views)·B, 3, size, size) in [0, 1], view-major rows (row v·B + b)."""
-        B, nv = len(imgs), len(views)
-        out = torch.empty(nv * B, 3, size, size, device=self.device)
-        box = crop[:, views.start:views.stop].clone()
-        box[..., 2:] += box[..., :2]  # (left, top, right, bottom) in pixels
-        box = box.float().to(self.device)
+    def _crop_all(self, imgs: list, crop: torch.Tensor, flip: torch.Tensor, parts: list) -> list:
+        """For each (views, size) in ``parts``: (len(views)·B, 3, size, size) in [0, 1], view-major rows
+        (row v·B + b), flipped where drawn. Each size group of images is padded once and cropped for every
+        crop size with one ``roi_align`` call (only one padded group is alive at a time)."""
+        B = len(imgs)
+        outs, boxes = [], []
+        for views, size in parts:
+            outs.append(torch.empty(len(views) * B, 3, size, size, device=self.device))
+            box = crop[:, views.start:views.stop].clone()
+            box[..., 2:] += box[..., :2]  # (left, top, right, bottom) in pixels
+            boxes.append(box.float().to(self.device))
         for grp in self._groups([tuple(im.shape[1:]) for im in imgs]):
-            res = roi_align(self._pad([imgs[i] for i in grp]), [box[i] for i in grp], (size, size),
-                            spatial_scale=1.0, sampling_ratio=-1, aligned=True)  # (len(grp)·nv, 3, s, s)
-            rows = (torch.arange(nv).view(1, nv) * B + torch.tensor(grp).view(-1, 1)).reshape(-1)
-            out.index_copy_(0, rows.to(self.device), res)
-        out.div_(255.0)
-        fl = flip[:, views.start:views.stop].t().reshape(-1).to(self.device)
-        return torch.where(fl.view(-1, 1, 1, 1), out.flip(-1), out)
+            padded = self._pad([imgs[i] for i in grp])
+            for (views, size), out, box in zip(parts, outs, boxes):
+                nv = len(views)
+                res = roi_align(padded, [box[i] for i in grp], (size, size), spatial_scale=1.0, sampling_ratio=-1,
+                                aligned=True)  # (len(grp)·nv, 3, s, s), image-major
+                rows = (torch.arange(nv).view(1, nv) * B + torch.tensor(grp).view(-1, 1)).reshape(-1)
+                out.index_copy_(0, rows.to(self.device), res)
+            del padded
+        for i, ((views, _), out) in enumerate(zip(parts, outs)):
+            out.div_(255.0)
+            fl = flip[:, views.start:views.stop].t().reshape(-1).to(self.device)
+            outs[i] = torch.where(fl.view(-1, 1, 1, 1), out.flip(-1), out)
+        return outs
 
     # ---- photometric ----
     def _subset(self, x: torch.Tensor, sel: torch.Tensor, fn, *args) -> None:
@@ -196,10 +206,9 @@ class GPUMultiCrop:
         p = self.draw_params(sizes_hw, generator)
         crops = []
         if B:
-            for views, size in ((range(0, ng), self.global_size), (range(ng, V), self.local_size)):
-                if not len(views):
-                    continue
-                x = self._crop(imgs, p["crop"], p["flip"], views, size)
+            parts = [(vs, sz) for vs, sz in ((range(0, ng), self.global_size), (range(ng, V), self.local_size))
+                     if len(vs)]
+            for (views, size), x in zip(parts, self._crop_all(imgs, p["crop"], p["flip"], parts)):
                 if self.photometric:
                     x = self._photometric(x, p, views)
                 x = (x - self.mean) / self.std
