@@ -111,3 +111,18 @@ def test_undecodable_images_are_dropped_and_counted(encoded):
     assert [c.shape[0] for c in out["crops"]] == [2, 2, 2] and out["boxes"].shape == (2, 3, 4)
     empty = mc([b"x"], torch.Generator())
     assert empty["kept"].numel() == 0 and [c.shape for c in empty["crops"]] == [(0, 3, 16, 16)] * 2 + [(0, 3, 8, 8)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+def test_cuda_matches_cpu_device(encoded):
+    """Same generator seed → same parameters on any device; crops agree up to decoder/arithmetics."""
+    kw = dict(global_size=48, local_size=24, n_global=2, n_local=3)
+    for fmt, tol in (("JPEG", 1.0), ("PNG", 0.02)):
+        cpu = GPUMultiCrop(**kw, device="cpu")(encoded[fmt], torch.Generator().manual_seed(0))
+        mc = GPUMultiCrop(**kw, device="cuda")
+        gpu = mc(encoded[fmt], torch.Generator().manual_seed(0))
+        assert mc.stats.device == (3 if fmt == "JPEG" else 0)
+        assert torch.equal(cpu["boxes"], gpu["boxes"].cpu()) and torch.equal(cpu["flips"], gpu["flips"].cpu())
+        for a, b in zip(cpu["crops"], gpu["crops"]):
+            diff = (unnormalise(a) - unnormalise(b.cpu())).abs() * 255
+            assert diff.mean() < tol, (fmt, diff.mean())
