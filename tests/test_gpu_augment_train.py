@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from sere_scale.config import ConfigError
-from sere_scale.data.encoded import DeviceAugment
+from sere_scale.data.encoded import DeviceAugment, split_encoded
 from sere_scale.data.loader import build_train_loader
 from sere_scale.metrics import read_metrics
 from sere_scale.train import train
@@ -33,13 +33,19 @@ def test_encoded_batches_and_device_augment(tmp_path, jpeg_data):
     cfg = tiny_config(tmp_path, jpeg_data, "data.augment=gpu", "data.batch_size=6")
     loader = build_train_loader(cfg)
     batch = next(loader.epoch_iter(0, 0))
-    assert set(batch) >= {"encoded", "masks", "labels", "n_corrupt"} and "crops" not in batch
-    assert len(batch["encoded"]) == 6 and batch["encoded"][0].dtype == torch.uint8
+    assert set(batch) >= {"encoded", "encoded_sizes", "masks", "labels", "n_corrupt"} and "crops" not in batch
+    images = split_encoded(batch)
+    files = [p for p, _ in loader.dataset.items]
+    order = batch["index"].tolist()
+    assert len(images) == 6 and all(im.dtype == torch.uint8 for im in images)
+    assert all(im.numpy().tobytes() == open(files[i], "rb").read() for im, i in zip(images, order))
     assert batch["masks"].shape == (6, 2, 4, 4)  # 32 px globals, patch 8
     aug = DeviceAugment.from_config(cfg, torch.device("cpu"))
     out = aug(batch, 0, 0)
     assert [c.shape for c in out["crops"]] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 2
     assert out["boxes"].shape == (6, 4, 4) and out["flips"].shape == (6, 4) and "encoded" not in out
+    listed = aug(dict(batch, encoded=images), 0, 0)  # a list of tensors is accepted too
+    assert all(torch.equal(a, b) for a, b in zip(out["crops"], listed["crops"]))
     assert torch.equal(out["labels"], batch["labels"]) and out["n_corrupt"] == 0
     again = aug(next(loader.epoch_iter(0, 0)), 0, 0)  # (epoch, batch) fixes the crops
     assert all(torch.equal(a, b) for a, b in zip(out["crops"], again["crops"]))

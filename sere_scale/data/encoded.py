@@ -2,8 +2,9 @@
 
 - ``EncodedSSLTransform``: raw bytes → ``{"encoded", "masks"}`` (the masks exactly as ``SSLTransform`` makes them).
 - ``EncodedImageFolder``: the folder dataset reading file bytes instead of decoding.
-- ``collate_encoded``: batch ``{"encoded": [B × uint8 (n,)], "masks", "labels", "n_corrupt"}``; any loader
-  (folder, shards) that yields this format works with ``DeviceAugment``.
+- ``collate_encoded``: batch ``{"encoded": packed uint8, "encoded_sizes": (B,), "masks", "labels", "n_corrupt"}``
+  (``encoded`` may also be a list of B uint8 tensors); any loader (folder, shards) that yields this format
+  works with ``DeviceAugment``.
 - ``DeviceAugment``: called by the training loop on such a batch with its (epoch, batch index); runs
   ``GPUMultiCrop`` with a generator seeded from (seed, epoch, batch, rank) and returns the usual
   ``collate_ssl`` batch on the device, so a resumed run sees identical crops.
@@ -65,15 +66,29 @@ class EncodedImageFolder(ImageFolderSSL):
 
 
 def collate_encoded(samples: list) -> dict:
-    """Batch of encoded samples; ``None`` samples are dropped and counted in ``n_corrupt``."""
+    """Batch of encoded samples; ``None`` samples are dropped and counted in ``n_corrupt``.
+
+    The images travel packed in one uint8 tensor ``encoded`` with their byte counts ``encoded_sizes`` (one
+    shared-memory segment per batch from a worker, not one per image); ``split_encoded`` unpacks them.
+    """
     good = [s for s in samples if s is not None]
-    out = {"encoded": [s["encoded"] for s in good],
+    enc = [s["encoded"].reshape(-1) for s in good]
+    out = {"encoded": torch.cat(enc) if enc else torch.zeros(0, dtype=torch.uint8),
+           "encoded_sizes": torch.tensor([e.numel() for e in enc], dtype=torch.long),
            "labels": torch.tensor([int(s.get("label", -1)) for s in good], dtype=torch.long),
            "n_corrupt": len(samples) - len(good)}
     out["masks"] = torch.stack([s["masks"] for s in good]) if good else torch.zeros(0, dtype=torch.bool)
     if good and "index" in good[0]:
         out["index"] = torch.tensor([int(s["index"]) for s in good], dtype=torch.long)
     return out
+
+
+def split_encoded(batch: dict) -> list:
+    """The batch's images as a list of 1-D uint8 tensors (views into the packed tensor, or the list as given)."""
+    enc = batch["encoded"]
+    if isinstance(enc, torch.Tensor):
+        return list(enc.split(batch["encoded_sizes"].tolist())) if len(batch["encoded_sizes"]) else []
+    return list(enc)
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -95,12 +110,13 @@ class DeviceAugment:
 
     def __call__(self, batch: dict, epoch: int, index: int) -> dict:
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, index, self.rank))
-        res = self.multicrop(batch["encoded"], generator=g)
-        kept, dev = res["kept"], self.multicrop.device
-        out = {k: v for k, v in batch.items() if k != "encoded"}
+        images = split_encoded(batch)
+        res = self.multicrop(images, generator=g)
+        kept, dev, B = res["kept"], self.multicrop.device, len(images)
+        out = {k: v for k, v in batch.items() if k not in ("encoded", "encoded_sizes")}
         out.update(crops=res["crops"], boxes=res["boxes"], flips=res["flips"],
-                   n_corrupt=batch["n_corrupt"] + len(batch["encoded"]) - len(kept))
+                   n_corrupt=batch["n_corrupt"] + B - len(kept))
         for k in ("masks", "labels", "index"):
-            if k in batch and len(batch[k]) == len(batch["encoded"]):
+            if k in batch and len(batch[k]) == B:
                 out[k] = batch[k][kept].to(dev)
         return out

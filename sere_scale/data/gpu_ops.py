@@ -96,14 +96,14 @@ def gaussian_kernels(sigma: torch.Tensor, radius: int, passes: int = 3) -> torch
     |i| <= l, a on |i| = l+1, normalised by 2(l+a)+1) convolved together; they sum to 1, variance sigma²."""
     r = pil_box_radius(sigma, passes)
     l, a = r.floor(), r - r.floor()
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64).abs()
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=sigma.device).abs()
     box = torch.where(t[None] <= l[:, None], 1.0, torch.where(t[None] == l[:, None] + 1, a[:, None], 0.0))
     box = box / (2 * r[:, None] + 1)
     n = box.shape[0]
     k = box
     for _ in range(passes - 1):  # boxes are symmetric: correlation = convolution
         k = F.conv1d(k[None], box[:, None], padding=radius, groups=n)[0]
-    return k.float().to(sigma.device)
+    return k.float()
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float = 2.0) -> torch.Tensor:
@@ -113,7 +113,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float = 2.0) 
     """
     n, c, hgt, wid = x.shape
     radius = kernel_radius(max_sigma)
-    k = gaussian_kernels(sigma.cpu(), radius).to(x.device, x.dtype).repeat_interleave(c, 0)  # (N·C, K)
+    k = gaussian_kernels(sigma.to(x.device), radius).to(x.dtype).repeat_interleave(c, 0)  # (N·C, K)
     y = x.reshape(1, n * c, hgt, wid)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(n * c, 1, -1, 1), groups=n * c)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(n * c, 1, 1, -1), groups=n * c)
