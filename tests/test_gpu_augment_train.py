@@ -1,6 +1,7 @@
 """data.augment=gpu end to end on the CPU: encoded folder batches, device augmentation in the training loop,
 exact resume, corrupt files counted."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def test_encoded_batches_and_device_augment(tmp_path, jpeg_data):
     files = [p for p, _ in loader.dataset.items]
     order = batch["index"].tolist()
     assert len(images) == 6 and all(im.dtype == torch.uint8 for im in images)
-    assert all(im.numpy().tobytes() == open(files[i], "rb").read() for im, i in zip(images, order))
+    assert all(im.numpy().tobytes() == Path(files[i]).read_bytes() for im, i in zip(images, order))
     assert batch["masks"].shape == (6, 2, 4, 4)  # 32 px globals, patch 8
     aug = DeviceAugment.from_config(cfg, torch.device("cpu"))
     out = aug(batch, 0, 0)
@@ -86,9 +87,9 @@ def test_training_with_gpu_augment_resumes_exactly(tmp_path, jpeg_data, monkeypa
 def test_corrupt_files_counted_with_gpu_augment(tmp_path, jpeg_data):
     data = tmp_path / "data"
     shutil.copytree(jpeg_data, data)
-    first = sorted(data.iterdir())[0]
+    first = min(data.iterdir())
     (first / "zero.jpg").write_bytes(b"")
-    good = sorted(first.glob("*.jpg"))[0].read_bytes()
+    good = min(first.glob("*.jpg")).read_bytes()
     (first / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (first / "garbage.png").write_bytes(b"not an image at all" * 10)
     cfg = tiny_config(tmp_path / "run", data, "data.batch_size=13", "train.max_steps=3", "train.log_every=3",

@@ -84,7 +84,7 @@ def test_both_flips_and_fallback_sizes_occur(encoded):
 
 def test_padding_groups_do_not_change_crops(encoded):
     """Images of different sizes are padded into one batch; one group per image must give the same crops."""
-    kw = dict(global_size=32, local_size=16, n_global=2, n_local=2, photometric=True)
+    kw = {"global_size": 32, "local_size": 16, "n_global": 2, "n_local": 2, "photometric": True}
     one = GPUMultiCrop(**kw)(encoded["PNG"], torch.Generator().manual_seed(5))
     solo = GPUMultiCrop(**kw, max_group_pixels=1)
     sep = solo(encoded["PNG"], torch.Generator().manual_seed(5))
@@ -116,7 +116,7 @@ def test_undecodable_images_are_dropped_and_counted(encoded):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
 def test_cuda_matches_cpu_device(encoded):
     """Same generator seed → same parameters on any device; crops agree up to decoder/arithmetics."""
-    kw = dict(global_size=48, local_size=24, n_global=2, n_local=3)
+    kw = {"global_size": 48, "local_size": 24, "n_global": 2, "n_local": 3}
     for fmt, tol in (("JPEG", 1.0), ("PNG", 0.02)):
         cpu = GPUMultiCrop(**kw, device="cpu")(encoded[fmt], torch.Generator().manual_seed(0))
         mc = GPUMultiCrop(**kw, device="cuda")

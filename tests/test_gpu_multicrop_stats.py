@@ -91,7 +91,7 @@ def test_colour_distributions_and_jitter_grey_rates_match_cpu(both):
 
 def test_drawn_parameters_follow_the_recipe(both):
     p = both[1]["params"]
-    rate = lambda t: t.float().mean(0)  # noqa: E731  per view
+    rate = lambda t: t.float().mean(0)
     tol = 4 * np.sqrt(0.25 / N)
     assert torch.allclose(rate(p["jitter"]), torch.full((4,), 0.8), atol=tol)
     assert torch.allclose(rate(p["gray"]), torch.full((4,), 0.2), atol=tol)
@@ -115,7 +115,7 @@ def test_photometric_pipeline_equals_per_image_reference():
     per-image operations with each view's own parameters, in its own order."""
     rng = np.random.default_rng(0)
     imgs = [png(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))) for h, w in ((40, 52), (36, 30))]
-    kw = dict(global_size=24, local_size=12, n_global=2, n_local=2)
+    kw = {"global_size": 24, "local_size": 12, "n_global": 2, "n_local": 2}
     on = GPUMultiCrop(**kw)(imgs * 8, torch.Generator().manual_seed(3), return_params=True)
     off = GPUMultiCrop(**kw, photometric=False)(imgs * 8, torch.Generator().manual_seed(3))
     p = on["params"]

@@ -11,15 +11,15 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
 log = logging.getLogger(__name__)
-Encoded = Union[bytes, bytearray, memoryview, torch.Tensor, np.ndarray]
+Encoded = bytes | bytearray | memoryview | torch.Tensor | np.ndarray
 
 # Start-of-frame markers: baseline, extended sequential, progressive (Huffman). Lossless (C3) and arithmetic
 # coding (C9-CB, CD-CF) go to the fallback.
@@ -36,7 +36,7 @@ class JpegInfo:
     components: int  # 1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK
 
 
-def jpeg_info(data) -> Optional[JpegInfo]:
+def jpeg_info(data) -> JpegInfo | None:
     """Parse a JPEG's header up to its start-of-frame segment; ``None`` if ``data`` (bytes or a uint8
     memoryview) is not a JPEG."""
     n = len(data)
@@ -75,12 +75,12 @@ def as_uint8_tensor(x: Encoded) -> torch.Tensor:
     return torch.frombuffer(bytearray(x), dtype=torch.uint8) if len(x) else torch.zeros(0, dtype=torch.uint8)
 
 
-def device_decodable(info: Optional[JpegInfo]) -> bool:
+def device_decodable(info: JpegInfo | None) -> bool:
     return info is not None and info.sof in _DEVICE_SOF and info.precision == 8 and info.components in (1, 3) \
         and info.width > 0 and info.height > 0
 
 
-def pil_decode(t: torch.Tensor) -> Optional[torch.Tensor]:
+def pil_decode(t: torch.Tensor) -> torch.Tensor | None:
     """The CPU loader's decode: PIL, convert to RGB; ``None`` if unreadable."""
     try:
         with Image.open(io.BytesIO(t.numpy().tobytes())) as im:
@@ -109,8 +109,8 @@ class DecodeStats:
     retried: int = 0  # JPEGs whose batch call failed and were retried one by one
 
 
-def decode_images(encoded: Sequence[Encoded], device: Union[str, torch.device] = "cpu",
-                  stats: Optional[DecodeStats] = None) -> list:
+def decode_images(encoded: Sequence[Encoded], device: str | torch.device = "cpu",
+                  stats: DecodeStats | None = None) -> list:
     """Decode a batch; returns a list of ``(3, H, W)`` uint8 tensors on ``device`` or ``None`` (undecodable)."""
     device = torch.device(device)
     stats = stats if stats is not None else DecodeStats()

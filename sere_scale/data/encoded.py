@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -27,11 +26,11 @@ log = logging.getLogger(__name__)
 class EncodedSSLTransform:
     """Bytes → ``{"encoded": uint8 tensor, "masks": (n_global, h, w) bool}``."""
 
-    def __init__(self, n_global: int, global_size: int, patch_size: int, masks: Optional[MaskGenerator] = None):
+    def __init__(self, n_global: int, global_size: int, patch_size: int, masks: MaskGenerator | None = None):
         self.n_global, self.grid, self.masks = n_global, global_size // patch_size, masks
 
     @classmethod
-    def from_config(cls, cfg) -> "EncodedSSLTransform":
+    def from_config(cls, cfg) -> EncodedSSLTransform:
         d, il = cfg.data, cfg.image_loss
         from ..models.backbone import patch_size_of
         masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
@@ -102,7 +101,7 @@ class DeviceAugment:
         self.multicrop, self.seed, self.rank = multicrop, seed, rank
 
     @classmethod
-    def from_config(cls, cfg, device, rank: int = 0) -> "DeviceAugment":
+    def from_config(cls, cfg, device, rank: int = 0) -> DeviceAugment:
         d = cfg.data
         mc = GPUMultiCrop(d.global_size, d.local_size, d.n_global, d.n_local, d.global_scale, d.local_scale,
                           photometric=d.photometric, device=device)

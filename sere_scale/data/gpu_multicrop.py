@@ -15,7 +15,7 @@ three box passes.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torchvision.ops import roi_align
@@ -30,7 +30,7 @@ P_JITTER, P_GRAY, SIGMA = 0.8, 0.2, (0.1, 2.0)
 
 
 def sample_crops(sizes_hw: torch.Tensor, scale_lo: torch.Tensor, scale_hi: torch.Tensor,
-                 g: Optional[torch.Generator], tries: int = 10) -> torch.Tensor:
+                 g: torch.Generator | None, tries: int = 10) -> torch.Tensor:
     """RandomResizedCrop boxes (left, top, w, h) in pixels, shape (B, V, 4), for images of ``sizes_hw`` (B, 2)
     and per-view scale ranges (V,): the algorithm of ``multicrop.sample_crop`` vectorised (first of ``tries``
     valid draws, else the central crop of the clamped aspect ratio)."""
@@ -99,7 +99,7 @@ class GPUMultiCrop:
         return self.stats.failed
 
     # ---- parameters (CPU, vectorised over the batch) ----
-    def draw_params(self, sizes_hw: torch.Tensor, g: Optional[torch.Generator]) -> dict:
+    def draw_params(self, sizes_hw: torch.Tensor, g: torch.Generator | None) -> dict:
         """All random parameters of a batch, each (B, V[, ...]). Order of draws is fixed (reproducible)."""
         B, V = sizes_hw.shape[0], self.n_views
         is_g = torch.arange(V) < self.n_global
@@ -196,7 +196,7 @@ class GPUMultiCrop:
         self._subset(x, flat(p["solarize"]), gpu_ops.solarize)
         return x
 
-    def __call__(self, encoded: Sequence, generator: Optional[torch.Generator] = None,
+    def __call__(self, encoded: Sequence, generator: torch.Generator | None = None,
                  return_params: bool = False) -> dict:
         decoded = decode_images(encoded, self.device, self.stats)
         kept = [i for i, im in enumerate(decoded) if im is not None]
@@ -206,7 +206,7 @@ class GPUMultiCrop:
         p = self.draw_params(sizes_hw, generator)
         crops = []
         if B:
-            parts = [(vs, sz) for vs, sz in ((range(0, ng), self.global_size), (range(ng, V), self.local_size))
+            parts = [(vs, sz) for vs, sz in ((range(ng), self.global_size), (range(ng, V), self.local_size))
                      if len(vs)]
             for (views, size), x in zip(parts, self._crop_all(imgs, p["crop"], p["flip"], parts)):
                 if self.photometric:

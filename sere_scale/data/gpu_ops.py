@@ -7,8 +7,6 @@ per-image factor tensor of shape (N,), so a whole batch of crops is processed in
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
