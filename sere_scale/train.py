@@ -64,6 +64,8 @@ def _to_device(batch: dict, device: torch.device, augment=None, position: tuple 
     there by ``augment`` (``data.encoded.DeviceAugment``), seeded by ``position`` = (epoch, batch index)."""
     nb = device.type == "cuda"
     if "encoded" in batch:
+        if augment is None:
+            raise ValueError("an encoded batch (data.augment=gpu) needs a DeviceAugment: pass augment=")
         batch = augment(batch, *position)
     out = dict(batch)
     out["crops"] = [c.to(device, non_blocking=nb) for c in batch["crops"]]
