@@ -95,3 +95,10 @@ def test_backbone_forward_flops_match_vit_formula_at_vit_s_size():
         got = count_flops(lambda: student.backbone(x))
     assert got == pytest.approx(vit_fwd(197, 384, 12, 16, 196), rel=0.05)
     assert math.isclose(got / 1e9, 2 * 4.6, rel_tol=0.05)  # ViT-S/16 at 224 px: 4.6 GMACs (timm's figure)
+
+
+def test_profile_with_device_augmentation(tmp_path, digits_root):
+    cfg = load_config(None, tiny_overrides(tmp_path, digits_root / "train", "data.augment=gpu", "data.batch_size=4"))
+    res = run_profile(cfg, steps=2, warmup=1, out_dir=str(tmp_path))
+    assert res["loader_img_per_s"] > 0 and res["img_per_s"] > 0
+    assert res["step_breakdown_s"]["host_to_device"] > 0

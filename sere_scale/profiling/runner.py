@@ -45,7 +45,11 @@ class _Stepper:
         self.loader = SyntheticLoader(cfg, self.patch) if synthetic else build_train_loader(cfg, info.rank,
                                                                                             info.world_size)
         self.it = self.loader.epoch_iter(0, 0)
-        self.epoch = 0
+        self.epoch, self.n = 0, 0
+        self.augment = None
+        if cfg.data.augment == "gpu" and not synthetic:
+            from ..data.encoded import DeviceAugment
+            self.augment = DeviceAugment.from_config(cfg, info.device, info.rank)
         spe = max(self.loader.batches_per_epoch, 1) if not synthetic else 1000
         self.sched = build_schedules(cfg, min(spe, 10**6), info.world_size).at(10**3)
         self.timer = RegionTimer(info.device, enabled=False)
@@ -63,8 +67,9 @@ class _Stepper:
         t, e, s = self.timer, self.engine, self.sched
         with t("data_wait"):
             batch = self.next_batch()
-        with t("host_to_device"):
-            batch = _to_device(batch, self.info.device)
+        with t("host_to_device"):  # includes decode + multi-crop on the device with data.augment=gpu
+            self.n += 1
+            batch = _to_device(batch, self.info.device, self.augment, (self.epoch, self.n))
         with e.autocast():
             out = self.method(e.student, e.teacher, batch, s)
         with t("backward"):
@@ -115,8 +120,11 @@ def run_profile(cfg, steps: int = 10, warmup: int = 2, synthetic: bool = False, 
     loader_ips = None
     if not synthetic:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            st.next_batch()
+        for i in range(steps):  # data alone: load (+ device decode and multi-crop with data.augment=gpu)
+            b = st.next_batch()
+            if st.augment is not None:
+                _to_device(b, dev, st.augment, (st.epoch, 10**6 + i))
+        _sync(dev)
         loader_ips = B * steps / (time.perf_counter() - t0)
         synth = _Stepper(cfg, info, synthetic=True)
         for _ in range(warmup):
