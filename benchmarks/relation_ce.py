@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sere_scale.kernels import chunked, relation_cross_entropy
+from sere_scale.kernels import chunked, relation_cross_entropy  # noqa: E402
 
 # name: (G, R, Ds, Dt, description)
 PRESETS = {

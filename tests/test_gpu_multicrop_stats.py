@@ -91,7 +91,8 @@ def test_colour_distributions_and_jitter_grey_rates_match_cpu(both):
 
 def test_drawn_parameters_follow_the_recipe(both):
     p = both[1]["params"]
-    rate = lambda t: t.float().mean(0)
+    def rate(t):
+        return t.float().mean(0)
     tol = 4 * np.sqrt(0.25 / N)
     assert torch.allclose(rate(p["jitter"]), torch.full((4,), 0.8), atol=tol)
     assert torch.allclose(rate(p["gray"]), torch.full((4,), 0.2), atol=tol)

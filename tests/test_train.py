@@ -137,7 +137,8 @@ def test_live_mfu_and_data_wait_are_plausible(tmp_path, small_data):
 def test_any_number_of_crops_and_sizes(tmp_path, small_data, crops):
     ng, nl, gs, ls = crops
     cfg = tiny_config(tmp_path / "run", small_data, f"data.n_global={ng}", f"data.n_local={nl}",
-                      f"data.global_size={gs}", f"data.local_size={ls}", "train.max_steps=2", "sere.spatial_size_local=1")
+                      f"data.global_size={gs}", f"data.local_size={ls}", "train.max_steps=2",
+                      "sere.spatial_size_local=1")
     out = train(cfg)
     rows = read_metrics(tmp_path / "run")
     assert out["step"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

@@ -79,7 +79,7 @@ def pil_box_radius(sigma: torch.Tensor, passes: int = 3) -> torch.Tensor:
     as in Pillow's BoxBlur.c): each box has variance sigma²/passes."""
     s2 = sigma.double() ** 2 / passes
     L = torch.sqrt(12 * s2 + 1)
-    l = torch.floor((L - 1) / 2)
+    l = torch.floor((L - 1) / 2)  # noqa: E741  (PIL's name)
     a = (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
     return l + a
 
@@ -93,7 +93,7 @@ def gaussian_kernels(sigma: torch.Tensor, radius: int, passes: int = 3) -> torch
     """(N, 2·radius+1) 1-D kernels of PIL's ``GaussianBlur(sigma)``: ``passes`` extended box blurs (weight 1 on
     |i| <= l, a on |i| = l+1, normalised by 2(l+a)+1) convolved together; they sum to 1, variance sigma²."""
     r = pil_box_radius(sigma, passes)
-    l, a = r.floor(), r - r.floor()
+    l, a = r.floor(), r - r.floor()  # noqa: E741
     t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=sigma.device).abs()
     box = torch.where(t[None] <= l[:, None], 1.0, torch.where(t[None] == l[:, None] + 1, a[:, None], 0.0))
     box = box / (2 * r[:, None] + 1)
