@@ -95,7 +95,9 @@ def compose(panels: Sequence[Sequence[tuple[Image.Image, str]]], panel: int) -> 
         for c, (im, title) in enumerate(row):
             x = PAD + c * (panel + PAD)
             y = PAD + r * (panel + TITLE_H + PAD)
-            draw.text((x + 1, y + 1), title[: max(1, panel // 6)], fill=(0, 0, 0), font=font)
+            while title and draw.textlength(title, font=font) > panel - 2:  # clip to the panel's width
+                title = title[:-1]
+            draw.text((x + 1, y + 1), title, fill=(0, 0, 0), font=font)
             if im.size != (panel, panel):
                 im = im.resize((panel, panel), Image.NEAREST if im.size[0] <= panel else Image.BOX)
             fig.paste(im.convert("RGB"), (x, y + TITLE_H))

@@ -104,7 +104,7 @@ def relation_figure(backbone, img: Image.Image, views: dict, cfg, panel: int = 1
     base = img.resize((panel, panel), Image.BICUBIC)
     head = draw_box(draw_box(draw_box(base, boxes[0], VIEW_COLORS[0]), boxes[1], VIEW_COLORS[1]), region,
                     OVERLAP_COLOR)
-    rows = [[(head, "views 1 (red), 2 (blue)")]]
+    rows = [[(head, "views: 1 red, 2 blue")]]
     view_imgs = [tensor_to_pil(c).resize((panel, panel), Image.BICUBIC) for c in v["crops"]]
     view_imgs = [draw_box(vi, _to_view(region, boxes[i], flips[i]), OVERLAP_COLOR)
                  for i, vi in enumerate(view_imgs)]

@@ -49,7 +49,7 @@ def write_pictures(backbone, cfg, images: Sequence[str], out: str | Path, size: 
                                            standardize, stats)
         files = {k: f"{name}_{k}.png" for k in ("attention", "relations", "channels")}
         for k, fig in (("attention", att), ("relations", sp), ("channels", ch)):
-            fig.save(out / files[k])
+            fig.save(out / files[k], optimize=True)
         records.append({"image": str(path), "files": files, "attention": att_info, "relations": rel_info})
     (out / "index.json").write_text(json.dumps({"image_size": size, "mass": mass, "strength": strength,
                                                 "images": records}, indent=1) + "\n")
