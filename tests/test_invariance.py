@@ -93,7 +93,8 @@ def test_cli_from_checkpoint_and_from_timm_file_agree(tiny_run, small_data, tmp_
 def test_training_logs_invariance_without_changing_the_run(tmp_path, small_data):
     extra = ["train.max_steps=3", "data.batch_size=4"]
     train(tiny_config(tmp_path / "plain", small_data, *extra))
-    train(tiny_config(tmp_path / "inv", small_data, *extra, "eval.invariance_every=2", "checkpoint.every_steps=2",
+    train(tiny_config(tmp_path / "inv", small_data, *extra, "eval.invariance_every=2",
+                      "checkpoint.every_steps=2",
                       f"eval.invariance_data={small_data}", "eval.invariance_images=8"))
     plain, inv = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "inv")
     assert [("invariance_spatial" in r) for r in inv] == [False, True, False]

@@ -8,8 +8,13 @@ import torch.nn as nn
 
 from sere_scale.geometry import region_aligned_sample
 from sere_scale.viz.figures import _to_view
-from sere_scale.viz.relations import (ChannelStats, channel_relation, row_tv, spatial_relation,
-                                      two_view_relations)
+from sere_scale.viz.relations import (
+    ChannelStats,
+    channel_relation,
+    row_tv,
+    spatial_relation,
+    two_view_relations,
+)
 
 
 def test_spatial_relation_matches_loop_reference():
@@ -22,7 +27,8 @@ def test_spatial_relation_matches_loop_reference():
         for m in range(M):
             feats = [[float(x[b, m * d + k, p // S, p % S]) for k in range(d)] for p in range(S * S)]
             for i in range(S * S):
-                logits = [sum(a * c for a, c in zip(feats[i], feats[j])) / math.sqrt(d) / tau for j in range(S * S)]
+                logits = [sum(a * c for a, c in zip(feats[i], feats[j])) / math.sqrt(d) / tau
+                          for j in range(S * S)]
                 z = sum(math.exp(v) for v in logits)
                 for j in range(S * S):
                     assert A[b, m, i, j].item() == pytest.approx(math.exp(logits[j]) / z, rel=1e-9)
@@ -34,7 +40,8 @@ def test_channel_relation_matches_loop_reference():
     A = channel_relation(t, 0.1)
     for b in range(2):
         for i in range(4):
-            logits = [sum(t[b, n, i].item() * t[b, n, j].item() for n in range(5)) / 5 / 0.1 for j in range(4)]
+            logits = [sum(t[b, n, i].item() * t[b, n, j].item() for n in range(5)) / 5 / 0.1
+                      for j in range(4)]
             z = sum(math.exp(v) for v in logits)
             for j in range(4):
                 assert A[b, i, j].item() == pytest.approx(math.exp(logits[j]) / z, rel=1e-9)

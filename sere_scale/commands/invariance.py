@@ -3,7 +3,8 @@
 
 def add_parser(sub):
     from ..models.source import add_source_args
-    p = sub.add_parser("invariance", help="mean change of spatial and channel self-relations between two views")
+    p = sub.add_parser("invariance",
+                       help="mean change of spatial and channel self-relations between two views")
     add_source_args(p)
     p.add_argument("--data", required=True, help="image folder (searched recursively), e.g. a validation set")
     p.add_argument("--out", default=None, help="also write the result as JSON to this file")

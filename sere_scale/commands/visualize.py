@@ -3,11 +3,13 @@
 
 def add_parser(sub):
     from ..models.source import add_source_args
-    p = sub.add_parser("visualize", help="CLS attention, spatial and channel self-relation pictures per image")
+    p = sub.add_parser("visualize",
+                       help="CLS attention, spatial and channel self-relation pictures per image")
     add_source_args(p)
     p.add_argument("--images", nargs="+", required=True, help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder for the PNGs and index.json")
-    p.add_argument("--max-images", type=int, default=None, help="at most this many images (spread over folders)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="at most this many images (spread over a folder's classes)")
     p.add_argument("--size", type=int, default=None, help="model input size (default: the run's global crop "
                                                          "size, or the timm file's image size)")
     p.add_argument("--panel", type=int, default=160, help="panel size in pixels")
@@ -15,8 +17,8 @@ def add_parser(sub):
     p.add_argument("--points", nargs="+", default=None, metavar="X,Y",
                    help="query cells as x,y in [0,1] of the overlap region (default: centre and two others)")
     p.add_argument("--strength", default="train",
-                   help="augmentation of the two views: 'train' (the run's global-crop recipe) or a number in "
-                        "[0, 1] (see docs/VISUALIZE.md)")
+                   help="augmentation of the two views: 'train' (the run's global-crop recipe) or a number "
+                        "in [0, 1] (see docs/VISUALIZE.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of the two views")
     p.add_argument("--heads", type=int, default=None, help="relation heads (default: sere.heads or attention "
                                                           "heads)")

@@ -124,9 +124,9 @@ def measure_invariance(backbone, images: list[str], cfg, strength="train", image
     res["channel_unrelated"] = sum(ch_x) / len(ch_x) if ch_x else float("nan")
     res["spatial_ratio"] = res["spatial"] / res["spatial_unrelated"] if sp_x else float("nan")
     res["channel_ratio"] = res["channel"] / res["channel_unrelated"] if ch_x else float("nan")
-    res.update({"spatial_per_head": per_head, "n_images": n, "overlap_frac": n_valid / n, "strength": strength,
-                "image_size": size, "standardize": standardize, "measure": "mean row total-variation distance",
-                **rs})
+    res.update({"spatial_per_head": per_head, "n_images": n, "overlap_frac": n_valid / n,
+                "strength": strength, "image_size": size, "standardize": standardize,
+                "measure": "mean row total-variation distance", **rs})
     if per_image:
         res["spatial_per_image"] = [v if ok else None for v, ok in zip(sp_img, valid_img)]
         res["channel_per_image"] = ch_img
@@ -158,9 +158,9 @@ _HOOK_BACKBONES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def invariance_during_training(cfg, engine, step: int, info) -> dict:
     """The training loop's hook (``eval.invariance_every`` > 0): at the first logged step at or after each
     multiple of ``invariance_every``, measure the teacher backbone's invariance on ``eval.invariance_images``
-    images of ``eval.invariance_data`` (default ``eval.val_path``) and return ``invariance_*`` metrics (rank 0;
-    other ranks get {}). Every rank must call it: gathering the teacher's weights may be collective. The
-    model's random streams are left untouched."""
+    images of ``eval.invariance_data`` (default ``eval.val_path``) and return ``invariance_*`` metrics
+    (rank 0; other ranks get {}). Every rank must call it: gathering the teacher's weights may be
+    collective. The model's random streams are left untouched."""
     e = cfg.eval
     if e.invariance_every <= 0 or step % e.invariance_every >= cfg.train.log_every:
         return {}

@@ -42,7 +42,8 @@ class ScaledViews:
         self.scale = (1.0 - 0.65 * s, 1.0)
         self.ratio = ((3 / 4) ** s, (4 / 3) ** s)
         self.jitter = T.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s) if s > 0 else None
-        self.mean, self.std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __call__(self, img: Image.Image) -> dict:
         W, H = img.size

@@ -49,9 +49,9 @@ def _shapes_from_file(path: Path) -> dict:
 
 
 def load_timm_file(file: str | Path, arch: str) -> tuple[Config, ViTBackbone]:
-    """Build timm model ``arch`` (a timm ViT name or a sere_scale variant such as ``vit_tiny_cpu``) with weights
-    from ``file`` via ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))``; depth, width, patch
-    and image size are read from the file so a resized variant loads without further flags."""
+    """Build timm model ``arch`` (a timm ViT name or a sere_scale variant such as ``vit_tiny_cpu``) with
+    weights from ``file`` via ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))``; depth,
+    width, patch and image size are read from the file so a resized variant loads without further flags."""
     path = Path(file)
     if not path.exists():
         raise FileNotFoundError(f"timm file '{path}' does not exist")
@@ -72,13 +72,14 @@ def load_timm_file(file: str | Path, arch: str) -> tuple[Config, ViTBackbone]:
     return cfg, ViTBackbone(vit).eval()
 
 
-def load_backbone(checkpoint: Optional[str] = None, timm_file: Optional[str] = None, arch: Optional[str] = None,
-                  random_init: bool = False) -> tuple[Config, ViTBackbone]:
+def load_backbone(checkpoint: Optional[str] = None, timm_file: Optional[str] = None,
+                  arch: Optional[str] = None, random_init: bool = False) -> tuple[Config, ViTBackbone]:
     """The backbone of a run / checkpoint folder (its teacher, any backend) or of a timm file.
 
     A ``checkpoint`` path ending in ``.safetensors`` (or ``.pth``/``.bin``) is treated as a timm file and then
     needs ``arch``."""
-    if checkpoint and Path(checkpoint).suffix in (".safetensors", ".pth", ".bin") and Path(checkpoint).is_file():
+    weight_suffixes = (".safetensors", ".pth", ".bin")
+    if checkpoint and Path(checkpoint).suffix in weight_suffixes and Path(checkpoint).is_file():
         if timm_file:
             raise ValueError("give either a checkpoint or a timm file, not both")
         timm_file, checkpoint = checkpoint, None

@@ -35,8 +35,8 @@ def cls_attention(backbone: ViTBackbone, x: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def top_mass_mask(attn: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
-    """DINO's threshold: per map (last two dims), keep the fewest largest patches whose share of the map's total
-    attention reaches ``mass``. ``attn`` (..., h, w) → bool mask of the same shape."""
+    """DINO's threshold: per map (last two dims), keep the fewest largest patches whose share of the map's
+    total attention reaches ``mass``. ``attn`` (..., h, w) → bool mask of the same shape."""
     shape = attn.shape
     a = attn.reshape(-1, shape[-2] * shape[-1]).float()
     val, idx = torch.sort(a, dim=1)  # ascending

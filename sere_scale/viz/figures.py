@@ -122,7 +122,8 @@ def relation_figure(backbone, img: Image.Image, views: dict, cfg, panel: int = 1
         for i in range(2):
             name = f"view {i + 1}" + (" (flipped)" if flips[i] else "")
             row.append((draw_point(view_imgs[i], _to_view([cx, cy], boxes[i], flips[i])), name))
-        for m, name in ((m1, "relation, view 1"), (m2, "relation, view 2"), (diff, f"difference, TV {tv:.3f}")):
+        for m, name in ((m1, "relation, view 1"), (m2, "relation, view 2"),
+                        (diff, f"difference, TV {tv:.3f}")):
             row.append((draw_point(_on_region(base, m, region, vmax), (cx, cy)), name))
         rows.append(row)
         per_point.append({"point": [px, py], "cell": [qi, qj], "tv": tv})

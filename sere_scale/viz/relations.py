@@ -67,7 +67,7 @@ def row_tv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def view_tokens(backbone, crops: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+def view_tokens(backbone, crops: tuple[torch.Tensor, torch.Tensor]):
     """Pre-norm patch tokens (B, N, C) of two same-sized view batches, and the patch grid."""
     out = backbone(torch.cat(list(crops)))
     feats, B = out["pre"].float(), crops[0].shape[0]
@@ -77,7 +77,8 @@ def view_tokens(backbone, crops: tuple[torch.Tensor, torch.Tensor]) -> tuple[tor
 @torch.no_grad()
 def two_view_relations(backbone, crops: tuple[torch.Tensor, torch.Tensor], boxes: torch.Tensor,
                        flips: torch.Tensor, size: int, heads: int, tau_p: float = 0.5, tau_c: float = 0.1,
-                       standardize: bool = True, stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
+                       standardize: bool = True,
+                       stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
     """Relations of two same-sized views of a batch of images.
 
     ``crops``: two (B, 3, H, W) tensors; ``boxes`` (B, 2, 4) and ``flips`` (B, 2) follow the box contract;
