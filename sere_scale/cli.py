@@ -12,6 +12,8 @@ COMMANDS = [
     "sere_scale.commands.train",
     "sere_scale.commands.knn",
     "sere_scale.commands.profile",
+    "sere_scale.commands.visualize",
+    "sere_scale.commands.invariance",
 ]
 
 
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

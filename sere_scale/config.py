@@ -130,6 +130,9 @@ class EvalConfig:
     knn_t: float = 0.07
     val_path: str = ""
     eval_size: int = 224
+    invariance_every: int = 0  # steps between self-relation invariance measurements of the teacher (0: off)
+    invariance_data: str = ""  # image folder for them (default: val_path)
+    invariance_images: int = 64  # images per measurement
 
 
 @dataclass

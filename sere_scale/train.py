@@ -226,6 +226,9 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                 rec["mfu"] = mfu.value(window_steps, dt)
             for key in outs[0]:
                 rec[key] = sum(float(o[key].detach()) for o in outs) / len(outs)
+            if cfg.eval.invariance_every:
+                from .eval.invariance import invariance_during_training
+                rec.update(invariance_during_training(cfg, engine, step, info))
             metrics.log(rec)
             last_record = rec
             if pbar is not None:
