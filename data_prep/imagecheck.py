@@ -2,7 +2,7 @@
 
 Baseline (SOF0) 8-bit JPEGs with 1 (grayscale) or 3 (YCbCr/RGB) components keep their bytes. Everything
 else that decodes (PNG, CMYK or progressive JPEG, WebP, ...) is decoded in full and re-encoded as a baseline
-JPEG (quality 95; "L" stays grayscale, everything else becomes "RGB", alpha dropped as ``convert("RGB")``
+JPEG (quality 95, 4:4:4; "L" stays grayscale, everything else becomes "RGB", alpha dropped as ``convert("RGB")``
 does). Anything that fails is reported with a reason, never raised.
 
 Checks for kept JPEGs (``check=``):
@@ -131,7 +131,7 @@ def _reencode(im: Image.Image) -> bytes:
         im = im.convert("RGBA")
     out = im.convert(mode)
     buf = io.BytesIO()
-    out.save(buf, "JPEG", quality=REENCODE_QUALITY)
+    out.save(buf, "JPEG", quality=REENCODE_QUALITY, subsampling=0)  # 4:4:4: no chroma loss
     return buf.getvalue()
 
 
