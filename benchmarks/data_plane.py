@@ -6,7 +6,9 @@ Conversion: ``sere-prep`` (1 and 2 processes; ``--check`` scan, draft, full) aga
 ``webdataset.ShardWriter`` loop that decodes every image fully (PIL) and writes jpg + cls. Loading (one core):
 decode + 2×224 + 10×96 multi-crop with jitter, grayscale, blur, solarize: the DINO/iBOT torchvision + PIL
 pipeline vs ``MultiCrop`` vs ``FastMultiCrop``, plus the whole ``ShardLoader`` (tar reading, masks, collate).
-Rounds are interleaved and the best round of each is reported (the machine may be shared).
+Rounds are interleaved and the best round of each is reported. Every figure is given per wall-clock second and
+per CPU second (this process plus its reaped children): on a shared machine the CPU-second figures are the
+per-core throughputs, the wall-clock ones show scaling with processes only when the machine is otherwise idle.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -52,25 +55,40 @@ def make_tree(root: Path, n: int, classes: int = 10) -> list[tuple[Path, int]]:
     return items
 
 
+class Clock:
+    """Wall-clock and CPU seconds (self + reaped children) of a block."""
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, self._cpu() - self.c
+
+    @staticmethod
+    def _cpu() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
 # ---- conversion --------------------------------------------------------------------------------------------------
-def plain_shardwriter(items, out: Path) -> float:
+def plain_shardwriter(items, out: Path) -> Clock:
     import webdataset as wds
     out.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    with wds.ShardWriter(str(out / "plain-%06d.tar"), maxcount=1000, verbose=0) as sink:
+    with Clock() as clk, wds.ShardWriter(str(out / "plain-%06d.tar"), maxcount=1000, verbose=0) as sink:
         for i, (p, c) in enumerate(items):
             data = p.read_bytes()
             with Image.open(io.BytesIO(data)) as im:
                 im.convert("RGB")  # full decode, as a plain checking converter does
             sink.write({"__key__": f"{i:08d}", "jpg": data, "cls": c})
-    return len(items) / (time.perf_counter() - t)
+    return clk
 
 
-def ours(src: Path, out: Path, workers: int, check: str, n: int) -> float:
+def ours(src: Path, out: Path, workers: int, check: str) -> Clock:
     from data_prep.convert import ConvertOptions, convert
-    t = time.perf_counter()
-    convert(ConvertOptions(str(src), str(out), shard_size=100, workers=workers, check=check, progress=False))
-    return n / (time.perf_counter() - t)
+    with Clock() as clk:
+        convert(ConvertOptions(str(src), str(out), shard_size=100, workers=workers, check=check, progress=False))
+    return clk
 
 
 # ---- multi-crop ------------------------------------------------------------------------------------------------------
@@ -111,13 +129,20 @@ def dino_pipeline():
     return run
 
 
-def per_image_rate(fn, datas) -> float:
+def timed(fn, datas) -> Clock:
     random.seed(0)
     torch.manual_seed(0)
-    t = time.perf_counter()
-    for d in datas:
-        fn(d)
-    return len(datas) / (time.perf_counter() - t)
+    with Clock() as clk:
+        for d in datas:
+            fn(d)
+    return clk
+
+
+def summary(n_images: int, clocks: list, procs: int = 1) -> dict:
+    wall = max(n_images / c.wall for c in clocks)
+    cpu = max(n_images / c.cpu for c in clocks)
+    return {"images_per_s": wall, "images_per_cpu_s": cpu, "per_process_wall": wall / procs,
+            "wall_rounds": [n_images / c.wall for c in clocks], "cpu_rounds": [n_images / c.cpu for c in clocks]}
 
 
 def main(argv=None) -> dict:
@@ -150,44 +175,49 @@ def main(argv=None) -> dict:
                 else:
                     check = name.split()[1].rstrip(",")
                     procs = int(name.split(", ")[1].split()[0])
-                    conv[name].append(ours(work / "src", out, procs, check, args.n))
+                    conv[name].append(ours(work / "src", out, procs, check))
                 shutil.rmtree(out)
         for name, v in conv.items():
-            procs = 2 if "2 procs" in name else 1
-            res["conversion"][name] = {"images_per_s": max(v), "per_process": max(v) / procs, "rounds": v}
+            res["conversion"][name] = summary(args.n, v, 2 if "2 procs" in name else 1)
         datas = [imagenet_like(10_000 + i) for i in range(args.crop_images)]
         fast, slow, dino = FastMultiCrop(), MultiCrop(), dino_pipeline()
         crop = {"torchvision+PIL (DINO/iBOT)": dino,
                 "MultiCrop": lambda d: slow(Image.open(io.BytesIO(d))),
                 "FastMultiCrop": lambda d: fast(Image.open(io.BytesIO(d)))}
         rates = {k: [] for k in crop}
+        for fn in crop.values():  # warm-up
+            timed(fn, datas[:3])
         for _ in range(args.rounds):
             for k, fn in crop.items():
-                rates[k].append(per_image_rate(fn, datas))
+                rates[k].append(timed(fn, datas))
         for k, v in rates.items():
-            res["multicrop"][k] = {"images_per_s": max(v), "rounds": v}
+            res["multicrop"][k] = summary(len(datas), v)
         # whole loader, one core: tar reading, lazy decode, FastMultiCrop, iBOT masks, collate
         shard_out = work / "shards"
-        ours(work / "src", shard_out, 1, "scan", args.n)
+        ours(work / "src", shard_out, 1, "scan")
         tf = SSLTransform(FastMultiCrop(), 16, MaskGenerator())
-        lv = []
+        lv, nimg = [], 0
         for r in range(args.rounds):
             ld = ShardLoader(str(shard_out), tf, 32, 0, 1, seed=r, num_workers=0)
-            t = time.perf_counter()
-            nb = sum(1 for _ in ld.epoch_iter(0))
-            lv.append(nb * 32 / (time.perf_counter() - t))
-        res["loader_fast_1core"] = {"images_per_s": max(lv), "rounds": lv}
-        base = res["multicrop"]["torchvision+PIL (DINO/iBOT)"]["images_per_s"]
-        plain = res["conversion"]["plain ShardWriter (full decode), 1 proc"]["images_per_s"]
-        res["ratios"] = {
-            "conversion_scan_per_proc_vs_plain": res["conversion"]["sere-prep scan, 1 proc"]["per_process"] / plain,
-            "conversion_scan_2proc_per_proc_vs_plain":
-                res["conversion"]["sere-prep scan, 2 procs"]["per_process"] / plain,
-            "conversion_draft_vs_plain": res["conversion"]["sere-prep draft, 1 proc"]["per_process"] / plain,
-            "fast_multicrop_vs_torchvision": res["multicrop"]["FastMultiCrop"]["images_per_s"] / base,
-            "multicrop_vs_torchvision": res["multicrop"]["MultiCrop"]["images_per_s"] / base,
-            "loader_fast_vs_torchvision_crop_only": res["loader_fast_1core"]["images_per_s"] / base,
-        }
+            with Clock() as clk:
+                nimg = sum(len(b["index"]) for b in ld.epoch_iter(0))
+            lv.append(clk)
+        res["loader_fast_1core"] = summary(nimg, lv)
+        conv, mc = res["conversion"], res["multicrop"]
+        res["ratios"] = {}
+        for unit in ("images_per_cpu_s", "images_per_s"):
+            plain = conv["plain ShardWriter (full decode), 1 proc"][unit]
+            base = mc["torchvision+PIL (DINO/iBOT)"][unit]
+            res["ratios"][unit] = {
+                "conversion scan 1 proc / plain": conv["sere-prep scan, 1 proc"][unit] / plain,
+                "conversion scan 2 procs (per proc) / plain": conv["sere-prep scan, 2 procs"][unit] / (
+                    2 if unit == "images_per_s" else 1) / plain,
+                "conversion scan 2 procs / 1 proc": conv["sere-prep scan, 2 procs"][unit] /
+                conv["sere-prep scan, 1 proc"][unit],
+                "conversion draft 1 proc / plain": conv["sere-prep draft, 1 proc"][unit] / plain,
+                "FastMultiCrop / torchvision": mc["FastMultiCrop"][unit] / base,
+                "MultiCrop / torchvision": mc["MultiCrop"][unit] / base,
+                "ShardLoader+FastMultiCrop / torchvision crop only": res["loader_fast_1core"][unit] / base}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(res, indent=1))

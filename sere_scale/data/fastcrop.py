@@ -116,6 +116,12 @@ def apply_color_ops(img: Image.Image, ops: list[tuple[str, float]]) -> Image.Ima
 class FastMultiCrop(MultiCrop):
     lazy_decode = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.photometric:  # build the hue tables now (~0.1 s) so forked loader workers inherit them
+            for k in range(hue_steps(-0.1), hue_steps(0.1) + 1):
+                hue_lut(k)
+
     def reduction(self, W: int, H: int, views) -> int:
         """Largest JPEG scale-down (1, 2, 4, 8) that leaves every crop at least its output size."""
         r = min(min(w, h) / size for size, _, _, h, w, _ in views)
