@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--num-tasks", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT", 1),
                     help="number of array tasks; task t writes shards t, t+T, ... (default: "
                          "$SLURM_ARRAY_TASK_COUNT or 1)")
+    im.add_argument("--plan-only", action="store_true",
+                    help="only list SRC and write the shard plan (run once before an array job)")
     im.add_argument("--no-fsync", action="store_true", help="skip fsync of finished shards")
     im.add_argument("--quiet", action="store_true", help="no progress display")
     mg = sub.add_parser("merge", help="write _info.json and the report once all array tasks are done")
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
         if args.cmd == "imagenet":
             summary = convert(ConvertOptions(
                 args.src, args.out, args.split, args.shard_size, args.workers, args.seed, args.check, args.labels,
-                args.prefix, args.task_index, args.num_tasks, fsync=not args.no_fsync, progress=not args.quiet))
+                args.prefix, args.task_index, args.num_tasks, fsync=not args.no_fsync, progress=not args.quiet,
+                plan_only=args.plan_only))
             print(json.dumps(summary))
             return 0
         if args.cmd == "merge":

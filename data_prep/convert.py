@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .imagecheck import CHECKS, prepare_image
-from .plan import Plan, atomic_write_text, load_plan, make_plan, plan_for, plan_path
+from .plan import Plan, PlanMismatch, atomic_write_text, load_plan, make_plan, plan_for, plan_path
 from .progress import Progress
 from .source import list_split
 from .tarwrite import ShardTarWriter, count_tar_samples
@@ -44,6 +44,7 @@ class ConvertOptions:
     num_tasks: int = 1
     fsync: bool = True
     progress: bool = True
+    plan_only: bool = False
 
 
 def parts_dir(out: str | os.PathLike, split: str) -> Path:
@@ -135,6 +136,15 @@ def convert_shard(i: int) -> dict:
     return rec
 
 
+def stored_plan(out: Path, opts: ConvertOptions) -> Plan:
+    plan = load_plan(out, opts.split)
+    want = {"seed": opts.seed, "shard_size": opts.shard_size, "prefix": opts.prefix}
+    have = {"seed": plan.seed, "shard_size": plan.shard_size, "prefix": plan.prefix}
+    if want != have:
+        raise PlanMismatch(f"{plan_path(out, opts.split)} was made with {have}, this task asks for {want}")
+    return plan
+
+
 # ---- driver ----------------------------------------------------------------------------------------------------
 def _remove_stale_tmp(folders: list[Path], names: set[str]) -> None:
     """Delete ``NAME.tmp-<pid>`` leftovers of a killed run, for this task's shards only."""
@@ -154,8 +164,14 @@ def convert(opts: ConvertOptions) -> dict:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     parts_dir(out, opts.split).mkdir(exist_ok=True)
-    items, classes = list_split(opts.src, opts.split, opts.labels)
-    plan = plan_for(out, make_plan(items, classes, opts.split, opts.seed, opts.shard_size, opts.prefix))
+    if opts.num_tasks > 1 and plan_path(out, opts.split).exists():
+        plan = stored_plan(out, opts)  # array tasks: no re-listing of SRC by every task
+    else:
+        items, classes = list_split(opts.src, opts.split, opts.labels)
+        plan = plan_for(out, make_plan(items, classes, opts.split, opts.seed, opts.shard_size, opts.prefix))
+    if opts.plan_only:
+        return {"split": opts.split, "plan": str(plan_path(out, opts.split)), "num_inputs": len(plan.inputs),
+                "num_shards": plan.num_shards}
     mine = [i for i in range(plan.num_shards) if i % opts.num_tasks == opts.task_index]
     _remove_stale_tmp([out, parts_dir(out, opts.split)],
                       {plan.shard_name(i) for i in mine} | {f"{plan.shard_name(i)}.json" for i in mine})

@@ -178,6 +178,10 @@ def test_array_tasks_then_merge_equal_single_run(converted, tmp_path):
     out = tmp_path / "array"
     env = {"PYTHON": PY, "SRC": str(src), "OUT": str(out), "SPLIT": "train", "SHARD_SIZE": "4", "SEED": "3",
            "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_CPUS_PER_TASK": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(["bash", str(ROOT / "slurm" / "plan_imagenet.sbatch")], capture_output=True, text=True,
+                       env=dict(os.environ, **env))
+    assert r.returncode == 0, r.stderr
+    assert (out / "_plan-train.json").exists() and not list(out.glob("*.tar"))
     for task in ("1", "0"):
         r = subprocess.run(["bash", str(ROOT / "slurm" / "convert_imagenet.sbatch")], capture_output=True,
                            text=True, env=dict(os.environ, **env, SLURM_ARRAY_TASK_ID=task))
