@@ -87,7 +87,7 @@ def plain_shardwriter(items, out: Path) -> Clock:
 def ours(src: Path, out: Path, workers: int, check: str) -> Clock:
     from data_prep.convert import ConvertOptions, convert
     with Clock() as clk:
-        convert(ConvertOptions(str(src), str(out), shard_size=100, workers=workers, check=check, progress=False))
+        convert(ConvertOptions(str(src), str(out), shard_size=25, workers=workers, check=check, progress=False))
     return clk
 
 
@@ -154,9 +154,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from sere_scale.data.fastcrop import FastMultiCrop
+    from sere_scale.data.masking import MaskGenerator
     from sere_scale.data.multicrop import MultiCrop
     from sere_scale.data.shards import ShardLoader
-    from sere_scale.data.masking import MaskGenerator
     from sere_scale.data.transform import SSLTransform
 
     work = Path(tempfile.mkdtemp(prefix="data_plane_"))
@@ -168,14 +168,14 @@ def main(argv=None) -> dict:
         conv = {"plain ShardWriter (full decode), 1 proc": [], "sere-prep scan, 1 proc": [],
                 "sere-prep scan, 2 procs": [], "sere-prep draft, 1 proc": [], "sere-prep full, 1 proc": []}
         for r in range(args.rounds):
-            for name in conv:
-                out = work / f"out-{r}-{len(conv[name])}-{name.split(',')[0].replace(' ', '_')}"
+            for name, clocks in conv.items():
+                out = work / f"out-{r}-{name.split(',')[0].replace(' ', '_')}"
                 if name.startswith("plain"):
-                    conv[name].append(plain_shardwriter(items, out))
+                    clocks.append(plain_shardwriter(items, out))
                 else:
                     check = name.split()[1].rstrip(",")
                     procs = int(name.split(", ")[1].split()[0])
-                    conv[name].append(ours(work / "src", out, procs, check))
+                    clocks.append(ours(work / "src", out, procs, check))
                 shutil.rmtree(out)
         for name, v in conv.items():
             res["conversion"][name] = summary(args.n, v, 2 if "2 procs" in name else 1)

@@ -17,7 +17,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from .imagecheck import CHECKS, prepare_image
 from .plan import Plan, PlanMismatch, atomic_write_text, load_plan, make_plan, plan_for, plan_path
@@ -38,7 +37,7 @@ class ConvertOptions:
     workers: int = 1
     seed: int = 0
     check: str = "scan"
-    labels: Optional[str] = None
+    labels: str | None = None
     prefix: str = "imagenet"
     task_index: int = 0
     num_tasks: int = 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 from PIL import Image
 
@@ -35,7 +34,7 @@ _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 @dataclass
 class Prepared:
     """The bytes to store (``None`` when the input is rejected) and what was done."""
-    data: Optional[bytes]
+    data: bytes | None
     width: int = 0
     height: int = 0
     reencoded: str = ""  # why the input was re-encoded ("" when the original bytes are kept)
@@ -46,7 +45,7 @@ class JpegStructureError(ValueError):
     pass
 
 
-def jpeg_headers(b: bytes) -> tuple[Optional[tuple[int, int, int]], int]:
+def jpeg_headers(b: bytes) -> tuple[tuple[int, int, int] | None, int]:
     """Walk the markers before the first scan: ((sof_marker, precision, n_components) or None, scan start)."""
     if b[:2] != b"\xff\xd8":
         raise JpegStructureError("no JPEG start-of-image marker")

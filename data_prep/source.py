@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Optional
 
 LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt", "val_labels.csv")
 
@@ -56,7 +55,7 @@ def read_label_file(path: Path) -> dict[str, str]:
     return labels
 
 
-def list_split(src: str | os.PathLike, split: str, labels: Optional[str] = None
+def list_split(src: str | os.PathLike, split: str, labels: str | None = None
                ) -> tuple[list[tuple[str, str]], list[str]]:
     """``([(relative path, wnid)] sorted by path, classes)`` for ``split`` of the tree ``src``."""
     src = Path(src)

@@ -18,8 +18,8 @@ class ShardTarWriter:
         self.path = Path(path)
         self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self.fsync = fsync
-        self._f = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
+        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() / abort()
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.count = 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:

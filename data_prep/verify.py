@@ -6,7 +6,6 @@ import json
 import multiprocessing as mp
 import tarfile
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image
 
@@ -59,7 +58,7 @@ def _check(args):
     return check_shard(*args)
 
 
-def verify(out: str, split: Optional[str] = None, decode: bool = False, workers: int = 1) -> tuple[dict, list[str]]:
+def verify(out: str, split: str | None = None, decode: bool = False, workers: int = 1) -> tuple[dict, list[str]]:
     """(per-split sample counts found, problems) for the shards listed in ``OUT/_info.json``."""
     out_p = Path(out)
     info_p = out_p / "_info.json"

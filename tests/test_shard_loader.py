@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_plane_fixtures import jpeg_bytes, make_tree, noisy_rgb, read_tar_samples, run_prep
 from PIL import Image
 
-from data_plane_fixtures import jpeg_bytes, make_tree, noisy_rgb, read_tar_samples, run_prep
 from sere_scale.data import shards as shards_mod
 from sere_scale.data.multicrop import MultiCrop
 from sere_scale.data.shardlist import ShardSpecError, resolve_shards
@@ -43,7 +43,7 @@ def shards(tmp_path_factory):
     info = json.loads((out / "_info.json").read_text())["splits"]["train"]
     ref = []
     for f in info["filenames"]:  # global ids follow _info.json order, then the order inside each tar
-        for key, s in read_tar_samples(out / f).items():
+        for s in read_tar_samples(out / f).values():
             ref.append((int(s["cls"]), mean_colour(s["jpg"])))
     return out, ref
 
@@ -85,7 +85,7 @@ def test_two_ranks_two_workers_disjoint_cover_equal_steps(shards):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_at_batch_k_gives_identical_remaining_batches(shards, workers):
-    out, ref = shards
+    out, _ = shards
     tf = SSLTransform(MultiCrop(32, 16, 2, 2), patch_size=8)
 
     def make():

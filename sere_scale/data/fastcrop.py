@@ -58,7 +58,7 @@ def hue_shift(x: np.ndarray, turns: float) -> np.ndarray:
     return _hsv_to_rgb((h + turns) % 1.0, s, v)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hue_lut(k: int) -> ImageFilter.Color3DLUT:
     """Colour table shifting hue by k/255 turn (torchvision: ``H += uint8(hue_factor * 255)`` in PIL's HSV)."""
     g = np.linspace(0, 255, LUT_SIZE)

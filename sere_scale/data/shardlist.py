@@ -19,9 +19,9 @@ import json
 import logging
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def sample_key(name: str) -> str:
     return f"{d}/{stem}" if d else stem
 
 
-def from_info(path: str, split: Optional[str] = None) -> ShardSet:
+def from_info(path: str, split: str | None = None) -> ShardSet:
     with open(path) as f:
         info = json.load(f)
     splits = info.get("splits") or {}
@@ -118,7 +118,7 @@ def from_list_file(path: str) -> ShardSet:
     return with_counts(urls, counts, f"list file {path}")
 
 
-def with_counts(urls: Sequence[str], counts: Sequence[Optional[int]], what: str) -> ShardSet:
+def with_counts(urls: Sequence[str], counts: Sequence[int | None], what: str) -> ShardSet:
     """Fill missing counts from an ``_info.json`` beside local shards, else from the local tars themselves."""
     counts = list(counts)
     if any(c is None for c in counts):
@@ -150,7 +150,7 @@ def with_counts(urls: Sequence[str], counts: Sequence[Optional[int]], what: str)
     return ShardSet(tuple(urls), tuple(int(c) for c in counts))
 
 
-def resolve_shards(spec, split: Optional[str] = None) -> ShardSet:
+def resolve_shards(spec, split: str | None = None) -> ShardSet:
     """A :class:`ShardSet` from any spec of the module docstring."""
     if isinstance(spec, ShardSet):
         return spec

@@ -14,8 +14,8 @@ has its share of positions; epochs have the same number of batches as in epoch m
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)

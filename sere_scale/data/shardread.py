@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 from .shardlist import is_local, sample_key
 
@@ -25,7 +25,7 @@ def _open(url: str):
 
 
 def iter_piece(url: str, lo: int, hi: int, want: Callable[[int], bool]
-               ) -> Iterator[tuple[int, Optional[Sample]]]:
+               ) -> Iterator[tuple[int, Sample | None]]:
     """Yield ``(j, sample)`` for every ``lo <= j < hi`` with ``want(j)``, in order; ``sample`` is ``None`` if it
     is missing or unreadable."""
     j, key, cur = -1, None, None  # index, key and members of the sample being read
@@ -68,8 +68,8 @@ def iter_piece(url: str, lo: int, hi: int, want: Callable[[int], bool]
             try:
                 if c is not None:
                     c.close()
-            except Exception:  # noqa: BLE001 - e.g. a pipe closed early
-                pass
+            except Exception as e:  # noqa: BLE001 - e.g. a pipe closed early
+                log.debug("closing %s: %s", url, e)
     for m in range(max(emitted, lo), hi):
         if want(m):
             yield m, None

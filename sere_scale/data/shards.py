@@ -18,14 +18,13 @@ import io
 import logging
 import os
 import random
-from typing import Optional
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .shardlist import ShardSet, is_local, resolve_shards
-from .shardplan import (batches_per_epoch, consumed_batches, stream_batches, stream_order, stream_pieces)
+from .shardplan import batches_per_epoch, consumed_batches, stream_batches, stream_order, stream_pieces
 from .shardread import iter_piece
 from .transform import collate_ssl, seed_sample
 
@@ -43,7 +42,7 @@ def _lazy_ok(transform) -> bool:
 class _EpochStreams(IterableDataset):
     """One epoch of one rank, from ``start_batch`` on; each DataLoader worker runs one reader stream."""
 
-    def __init__(self, loader: "ShardLoader", epoch: int, start_batch: int):
+    def __init__(self, loader: ShardLoader, epoch: int, start_batch: int):
         self.ld, self.epoch, self.start_batch = loader, epoch, start_batch
 
     def __iter__(self):
@@ -61,7 +60,7 @@ class _EpochStreams(IterableDataset):
 class ShardLoader:
     def __init__(self, shards, transform, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, *, resampled: bool = False, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 split: Optional[str] = None, prefetch_factor: int = 2):
+                 split: str | None = None, prefetch_factor: int = 2):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
         self.shardset: ShardSet = resolve_shards(shards, split)
@@ -155,7 +154,7 @@ class ShardLoader:
             if all(skip[base:at]):
                 continue
             url = self.shardset.urls[pc.shard]
-            for j, sample in iter_piece(url, pc.lo, pc.hi, lambda j: not skip[base + j - pc.lo]):
+            for j, sample in iter_piece(url, pc.lo, pc.hi, lambda j, b=base - pc.lo: not skip[b + j]):
                 yield base + j - pc.lo, (pc, j, sample)
 
     def stream_batches_iter(self, epoch: int, s: int, consumed: int):
@@ -183,7 +182,7 @@ class ShardLoader:
         out["index"] = torch.tensor([s["index"] for s in samples if s is not None], dtype=torch.long)
         return out
 
-    def _make(self, epoch: int, pc, j: int, sample, keep_rng: bool = False) -> Optional[dict]:
+    def _make(self, epoch: int, pc, j: int, sample, keep_rng: bool = False) -> dict | None:
         if sample is None:
             return None
         gid = self.shardset.offsets[pc.shard] + j
@@ -221,4 +220,3 @@ class ShardLoader:
         if self._warned < 20:
             self._warned += 1
             log.warning("skipping sample %d (%s): counted in n_corrupt", gid, why)
-        return None
