@@ -130,7 +130,7 @@ def convert_shard(i: int) -> dict:
     rec = {"name": plan.shard_name(i), "index": i, "count": writer.count, "bytes": size,
            "inputs": len(plan.shards[i]), "corrupt": corrupt, "reencoded": reencoded}
     rp = record_path(opts.out, plan, i)
-    atomic_write_text(rp, json.dumps(rec))
+    atomic_write_text(rp, json.dumps(rec), fsync=opts.fsync)
     _W["done"] = _W.get("done", 0) + 1
     return rec
 

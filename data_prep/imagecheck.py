@@ -19,6 +19,7 @@ Checks for kept JPEGs (``check=``):
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -76,19 +77,19 @@ def jpeg_headers(b: bytes) -> tuple[tuple[int, int, int] | None, int]:
         i += 2 + seg
 
 
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker, not a stuffed byte, restart or fill byte
+
+
 def walk_scans(b: bytes, start: int) -> int:
     """Walk entropy-coded data from ``start`` to the EOI marker; return its offset or raise."""
-    find, i, n = b.find, start, len(b)
+    search, i, n = _MARKER.search, start, len(b)
     while True:
-        j = find(b"\xff", i)
-        if j < 0 or j + 1 >= n:
+        m = search(b, i)
+        if m is None:
             raise JpegStructureError("truncated JPEG: no end-of-image marker after the scan data")
+        j = m.start()
         c = b[j + 1]
-        if c == 0x00 or 0xD0 <= c <= 0xD7:  # stuffed byte, restart marker
-            i = j + 2
-        elif c == 0xFF:  # fill bytes before a marker
-            i = j + 1
-        elif c == 0xD9:
+        if c == 0xD9:
             return j
         elif c in _BETWEEN_SCANS:  # tables / next scan header: skip the segment
             if j + 4 > n:

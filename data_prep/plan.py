@@ -71,12 +71,13 @@ def plan_path(out: str | os.PathLike, split: str) -> Path:
     return Path(out) / f"_plan-{split}.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -1,7 +1,6 @@
 """Deterministic tar writing: fixed metadata so the same samples always give the same bytes."""
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from pathlib import Path
@@ -19,19 +18,23 @@ class ShardTarWriter:
         self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self.fsync = fsync
         self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() / abort()
-        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-        self.count = 0
+        self.count, self._size = 0, 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Append one sample: a ustar header, the data and zero padding per member (as ``tarfile`` writes)."""
         for ext, data in members.items():
             ti = tarfile.TarInfo(f"{key}.{ext}")
             ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o444, 0, 0, "", ""
-            self._tar.addfile(ti, io.BytesIO(data))
+            pad = -len(data) % tarfile.BLOCKSIZE
+            chunk = b"".join((ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data, bytes(pad)))
+            self._f.write(chunk)
+            self._size += len(chunk)
         self.count += 1
 
     def commit(self) -> int:
         """Finish the archive, make it durable and move it to its final name; returns its size in bytes."""
-        self._tar.close()
+        end = self._size + 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros up to a whole record
+        self._f.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._f.flush()
         if self.fsync:
             os.fsync(self._f.fileno())
@@ -41,7 +44,6 @@ class ShardTarWriter:
 
     def abort(self) -> None:
         try:
-            self._tar.close()
             self._f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
