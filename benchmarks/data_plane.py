@@ -152,6 +152,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--crop-images", type=int, default=100, help="images per multi-crop round")
+    ap.add_argument("--parts", default="conversion,multicrop,loader", help="comma-separated subset to run")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -161,6 +162,7 @@ def main(argv=None) -> dict:
     from sere_scale.data.shards import ShardLoader
     from sere_scale.data.transform import SSLTransform
 
+    parts = set(args.parts.split(","))
     work = Path(tempfile.mkdtemp(prefix="data_plane_"))
     try:
         items = make_tree(work / "src", args.n)
@@ -169,7 +171,7 @@ def main(argv=None) -> dict:
                "conversion": {}, "multicrop": {}}
         conv = {"plain ShardWriter (full decode), 1 proc": [], "sere-prep scan, 1 proc": [],
                 "sere-prep scan, 2 procs": [], "sere-prep draft, 1 proc": [], "sere-prep full, 1 proc": []}
-        for r in range(args.rounds):
+        for r in range(args.rounds if "conversion" in parts else 0):
             for name, clocks in conv.items():
                 out = work / f"out-{r}-{name.split(',')[0].replace(' ', '_')}"
                 if name.startswith("plain"):
@@ -180,7 +182,8 @@ def main(argv=None) -> dict:
                     clocks.append(ours(work / "src", out, procs, check))
                 shutil.rmtree(out)
         for name, v in conv.items():
-            res["conversion"][name] = summary(args.n, v, 2 if "2 procs" in name else 1)
+            if v:
+                res["conversion"][name] = summary(args.n, v, 2 if "2 procs" in name else 1)
         datas = [imagenet_like(10_000 + i) for i in range(args.crop_images)]
         fast, slow, dino = FastMultiCrop(), MultiCrop(), dino_pipeline()
         crop = {"torchvision+PIL (DINO/iBOT)": dino,
@@ -189,37 +192,43 @@ def main(argv=None) -> dict:
         rates = {k: [] for k in crop}
         for fn in crop.values():  # warm-up
             timed(fn, datas[:3])
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if "multicrop" in parts else 0):
             for k, fn in crop.items():
                 rates[k].append(timed(fn, datas))
         for k, v in rates.items():
-            res["multicrop"][k] = summary(len(datas), v)
+            if v:
+                res["multicrop"][k] = summary(len(datas), v)
         # whole loader, one core: tar reading, lazy decode, FastMultiCrop, iBOT masks, collate
         shard_out = work / "shards"
         ours(work / "src", shard_out, 1, "scan")
         tf = SSLTransform(FastMultiCrop(), 16, MaskGenerator())
         lv, nimg = [], 0
-        for r in range(args.rounds):
+        for r in range(args.rounds if "loader" in parts else 0):
             ld = ShardLoader(str(shard_out), tf, 32, 0, 1, seed=r, num_workers=0)
             with Clock() as clk:
                 nimg = sum(len(b["index"]) for b in ld.epoch_iter(0))
             lv.append(clk)
-        res["loader_fast_1core"] = summary(nimg, lv)
+        if lv:
+            res["loader_fast_1core"] = summary(nimg, lv)
         conv, mc = res["conversion"], res["multicrop"]
+        loader = res.get("loader_fast_1core")
         res["ratios"] = {}
         for unit in ("images_per_cpu_s", "images_per_s"):
-            plain = conv["plain ShardWriter (full decode), 1 proc"][unit]
-            base = mc["torchvision+PIL (DINO/iBOT)"][unit]
-            res["ratios"][unit] = {
-                "conversion scan 1 proc / plain": conv["sere-prep scan, 1 proc"][unit] / plain,
-                "conversion scan 2 procs (per proc) / plain": conv["sere-prep scan, 2 procs"][unit] / (
-                    2 if unit == "images_per_s" else 1) / plain,
-                "conversion scan 2 procs / 1 proc": conv["sere-prep scan, 2 procs"][unit] /
-                conv["sere-prep scan, 1 proc"][unit],
-                "conversion draft 1 proc / plain": conv["sere-prep draft, 1 proc"][unit] / plain,
-                "FastMultiCrop / torchvision": mc["FastMultiCrop"][unit] / base,
-                "MultiCrop / torchvision": mc["MultiCrop"][unit] / base,
-                "ShardLoader+FastMultiCrop / torchvision crop only": res["loader_fast_1core"][unit] / base}
+            pp = 2 if unit == "images_per_s" else 1  # wall-clock rate of 2 processes, per process
+            r = res["ratios"][unit] = {}
+            if conv:
+                plain = conv["plain ShardWriter (full decode), 1 proc"][unit]
+                r["conversion scan 1 proc / plain"] = conv["sere-prep scan, 1 proc"][unit] / plain
+                r["conversion scan 2 procs (per proc) / plain"] = conv["sere-prep scan, 2 procs"][unit] / pp / plain
+                r["conversion scan 2 procs / 1 proc"] = (conv["sere-prep scan, 2 procs"][unit] /
+                                                         conv["sere-prep scan, 1 proc"][unit])
+                r["conversion draft 1 proc / plain"] = conv["sere-prep draft, 1 proc"][unit] / plain
+            if mc:
+                base = mc["torchvision+PIL (DINO/iBOT)"][unit]
+                r["FastMultiCrop / torchvision"] = mc["FastMultiCrop"][unit] / base
+                r["MultiCrop / torchvision"] = mc["MultiCrop"][unit] / base
+                if loader:
+                    r["ShardLoader+FastMultiCrop / torchvision crop only"] = loader[unit] / base
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(res, indent=1))

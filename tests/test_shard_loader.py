@@ -13,6 +13,8 @@ from data_plane_fixtures import jpeg_bytes, make_tree, noisy_rgb, read_tar_sampl
 from PIL import Image
 
 from sere_scale.data import shards as shards_mod
+from sere_scale.data.fastcrop import FastMultiCrop
+from sere_scale.data.masking import MaskGenerator
 from sere_scale.data.multicrop import MultiCrop
 from sere_scale.data.shardlist import ShardSpecError, resolve_shards
 from sere_scale.data.shards import ShardLoader
@@ -83,10 +85,10 @@ def test_two_ranks_two_workers_disjoint_cover_equal_steps(shards):
     assert e0[0] != e0[1], "epochs should be shuffled differently"
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_at_batch_k_gives_identical_remaining_batches(shards, workers):
+@pytest.mark.parametrize("workers,crop", [(0, MultiCrop), (2, FastMultiCrop)])
+def test_resume_at_batch_k_gives_identical_remaining_batches(shards, workers, crop):
     out, _ = shards
-    tf = SSLTransform(MultiCrop(32, 16, 2, 2), patch_size=8)
+    tf = SSLTransform(crop(32, 16, 2, 2), patch_size=8, masks=MaskGenerator(0.5))
 
     def make():
         return ShardLoader(str(out), tf, 2, 1, 2, seed=7, num_workers=workers, shuffle_buffer=5)
