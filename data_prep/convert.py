@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -192,10 +193,13 @@ def convert(opts: ConvertOptions) -> dict:
         else:
             ctx = mp.get_context("fork")
             counter = ctx.Value("q", 0)
+            finished = threading.Semaphore(0)
             with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
-                results = [pool.apply_async(convert_shard, (i,)) for i in todo]
-                while not all(r.ready() for r in results):
-                    time.sleep(0.2)
+                results = [pool.apply_async(convert_shard, (i,), callback=lambda _: finished.release(),
+                                            error_callback=lambda _: finished.release()) for i in todo]
+                for _ in results:  # wake on every finished shard, and at least every 0.5 s for the display
+                    while not finished.acquire(timeout=0.5):
+                        bar.update_to(counter.value)
                     bar.update_to(counter.value)
                 for r in results:
                     r.get()  # re-raise a worker's exception
