@@ -11,6 +11,8 @@ from .config import ConfigError
 COMMANDS = [
     "sere_scale.commands.train",
     "sere_scale.commands.knn",
+    "sere_scale.commands.linear",
+    "sere_scale.commands.export",
 ]
 
 
