@@ -1,5 +1,6 @@
 """``make demo``: pretrain a tiny ViT with iBOT+SERE on the embedded digits (2 DDP ranks on CPU), then print
-the k-NN and linear-probe accuracies of the trained teacher beside those of the same backbone at random init."""
+the k-NN and linear-probe accuracies of the trained teacher beside those of the same backbone at random
+init."""
 from __future__ import annotations
 
 import argparse

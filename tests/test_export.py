@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory, digits_root):
 
 
 def _create(call: str):
-    import timm  # noqa: F401  (used by the evaluated call)
+    import timm
     return eval(call, {"timm": timm})
 
 
@@ -34,7 +34,7 @@ def test_cli_export_then_printed_call_gives_the_teacher_features(run_dir, tmp_pa
     r = subprocess.run([sys.executable, "-m", "sere_scale", "export", "--checkpoint", str(run_dir), "--out",
                         str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    call = re.search(r"^model = (timm\.create_model\(.*\))$", r.stdout, re.M).group(1)
+    call = re.search(r"^model = (timm\.create_model\(.*\))$", r.stdout, re.MULTILINE).group(1)
     assert "'vit_small_patch16_224'" in call and "patch_size=8" in call and "depth=2" in call
     model = _create(call).eval()
     _, net = load_teacher(run_dir)

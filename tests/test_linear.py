@@ -101,16 +101,35 @@ def test_on_the_digits_label_carrying_features_beat_uninformative_ones(tmp_path,
     assert pix["top1"] > 85 and noise["top1"] < 25, (pix["top1"], noise["top1"])
 
 
+# DINO+SERE (default SERE weights), 100 steps of 32 images, no warm-up. Measured gains of the trained teacher over
+# its random init (linear top-1, digits val) with train.seed 0 / 1 / 2: +2.8 / +10.6 / +11.1 points. MoCo v3+SERE
+# needs far more steps on this data to pass its random init (docs/EVAL.md), so the brief run is DINO+SERE.
+BRIEF_TRAINING = ["image_loss.kind=dino", "train.seed=1", "train.max_steps=100", "train.epochs=10",
+                  "data.batch_size=32", "optim.warmup_epochs=0", "optim.base_lr=0.002", "optim.momentum_teacher=0.99",
+                  "checkpoint.every_steps=100", "train.log_every=50"]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, digits_root):
     from sere_scale.train import train
     from tests.tiny import tiny_config
     run = tmp_path_factory.mktemp("linear") / "run"
-    train(tiny_config(run, digits_root / "train", "train.max_steps=2"))
+    train(tiny_config(run, digits_root / "train", *BRIEF_TRAINING))
     return run
 
 
-def test_linear_command_writes_results_and_reuses_its_feature_cache(run_dir, digits_root, capsys, monkeypatch):
+def test_trained_teacher_beats_its_random_init_on_the_digits(run_dir, digits_root, tmp_path):
+    from sere_scale.eval.linear import linear_accuracy
+    from sere_scale.models.load import load_teacher
+    top1 = {}
+    for rand in (True, False):
+        _, net = load_teacher(run_dir, random_init=rand)
+        top1[rand] = linear_accuracy(net.backbone, str(digits_root / "train"), str(digits_root / "val"), 32,
+                                     tmp_path, {"random_init": rand}, epochs=30)["top1"]
+    assert top1[False] > top1[True] + 4, top1
+
+
+def test_linear_command_writes_results_and_reuses_its_cache(run_dir, digits_root, capsys, monkeypatch):
     from sere_scale.cli import main
     argv = ["linear", "--checkpoint", str(run_dir), "--train-data", str(digits_root / "train"),
             "--val-data", str(digits_root / "val"), "--epochs", "5", "--lrs", "0.3,1", "--batch-size", "256"]

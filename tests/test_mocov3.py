@@ -84,13 +84,13 @@ def test_gradient_flows_into_queries_only():
 
 def test_head_layout_follows_moco_v3():
     head = MoCoV3Head(12, hidden_dim=20, out_dim=6)
-    kinds = lambda seq: [(type(m).__name__, getattr(m, "out_features", None) or getattr(m, "num_features", None),
-                          getattr(m, "affine", None)) for m in seq]
-    assert kinds(head.projector) == [("Linear", 20, None), ("SyncTokenBatchNorm", 20, True), ("ReLU", None, None),
-                                     ("Linear", 20, None), ("SyncTokenBatchNorm", 20, True), ("ReLU", None, None),
-                                     ("Linear", 6, None), ("SyncTokenBatchNorm", 6, False)]
-    assert kinds(head.predictor) == [("Linear", 20, None), ("SyncTokenBatchNorm", 20, True), ("ReLU", None, None),
-                                     ("Linear", 6, None), ("SyncTokenBatchNorm", 6, False)]
+    def kinds(seq):
+        return [(type(m).__name__, getattr(m, "out_features", None) or getattr(m, "num_features", None),
+                 getattr(m, "affine", None)) for m in seq]
+    lin, bn, relu = "Linear", "SyncTokenBatchNorm", ("ReLU", None, None)
+    assert kinds(head.projector) == [(lin, 20, None), (bn, 20, True), relu, (lin, 20, None), (bn, 20, True), relu,
+                                     (lin, 6, None), (bn, 6, False)]
+    assert kinds(head.predictor) == [(lin, 20, None), (bn, 20, True), relu, (lin, 6, None), (bn, 6, False)]
     assert all(m.bias is None for m in head.modules() if isinstance(m, nn.Linear))
     assert all(isinstance(m, SyncTokenBatchNorm) for m in head.modules() if isinstance(m, nn.BatchNorm1d))
     x = torch.randn(10, 12)

@@ -7,7 +7,7 @@ def add_parser(sub):
     p.add_argument("--train-data", required=True, help="image folder of labelled training images")
     p.add_argument("--val-data", required=True, help="image folder of labelled validation images")
     p.add_argument("--out", default="", help="folder for the feature cache and results (default: RUN/linear)")
-    p.add_argument("--lrs", default="", help="comma-separated learning rates to sweep (default 0.03,0.1,0.3,1,3)")
+    p.add_argument("--lrs", default="", help="comma-separated learning rates to sweep (default 0.03,...,3)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the feature extraction")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -1,8 +1,8 @@
 """Linear probe on frozen features: features computed once and cached on disk, then a single linear layer
 trained with cross-entropy for each learning rate of a small sweep.
 
-Protocol: the L2-normalised CLS features of ``eval.features.extract_features`` are standardised with the
-training set's per-channel mean and std (a BatchNorm without affine parameters, as MAE's probe) and fed to one
+Protocol: the L2-normalised CLS features of ``eval.features.extract_features`` are standardised with
+the training set's per-channel mean and std (a BatchNorm without affine parameters, as MAE's probe) and fed to one
 ``nn.Linear``; SGD with momentum 0.9, no weight decay, cosine learning rate, ``epochs`` passes in mini-batches.
 The learning rate is chosen on a held-out ``holdout`` fraction of the *training* images (never on the
 validation split); the probe is then retrained on the whole training split with that rate and evaluated once
@@ -97,7 +97,7 @@ def linear_probe(train_f, train_y, val_f, val_y, num_classes: int, lrs=DEFAULT_L
     report top-1 / top-5 (%) on the validation features."""
     n = train_f.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_hold = max(1, int(round(n * holdout)))
+    n_hold = max(1, round(n * holdout))
     hold, fit = perm[:n_hold].to(train_f.device), perm[n_hold:].to(train_f.device)
     sweep = {}
     for lr in lrs:
@@ -128,8 +128,9 @@ def linear_main(args) -> int:
     out = Path(args.out) if args.out else run_dir / "linear"
     key = {"checkpoint": str(ckpt_dir.resolve()), "random_init": bool(args.random_init)}
     lrs = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else DEFAULT_LRS
-    res = linear_accuracy(net.backbone, args.train_data, args.val_data, cfg.eval.eval_size or cfg.data.global_size,
-                          out, key, lrs, args.epochs, args.batch_size, args.device)
+    size = cfg.eval.eval_size or cfg.data.global_size
+    res = linear_accuracy(net.backbone, args.train_data, args.val_data, size, out, key, lrs, args.epochs,
+                          args.batch_size, args.device)
     res["checkpoint"], res["random_init"] = str(ckpt_dir), bool(args.random_init)
     out.mkdir(parents=True, exist_ok=True)
     name = "linear_random_init.json" if args.random_init else "linear.json"

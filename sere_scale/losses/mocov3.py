@@ -54,7 +54,8 @@ class MoCoV3Loss(nn.Module):
         self.temperature = temperature
 
     def forward(self, student_q: list[torch.Tensor], teacher_k: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """``student_q``: (B, D) per student view (globals first); ``teacher_k``: (B, D) per teacher global view.
+        """``student_q``: (B, D) per student view (globals first); ``teacher_k``: (B, D) per teacher global
+        view.
         Returns the loss and ``{"acc": top-1 contrastive accuracy, "loss_norm": mean CE / ln(#keys)}``."""
         keys = [gather_keys(F.normalize(k.float(), dim=1)) for k in teacher_k]
         total, accs, n = 0.0, [], 0

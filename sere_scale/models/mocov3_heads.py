@@ -12,7 +12,8 @@ import torch.nn as nn
 from .heads import SyncTokenBatchNorm
 
 
-def moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
+def moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
+             last_bn: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(num_layers):
         d_in = in_dim if i == 0 else hidden_dim
@@ -26,8 +27,8 @@ def moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_b
 
 
 class MoCoV3Head(nn.Module):
-    """``forward(cls, predict)``: ``projector(cls)`` (teacher: the key k), or ``predictor(projector(cls))`` with
-    ``predict=True`` (student: the query q). Outputs are not L2-normalised (the loss does it)."""
+    """``forward(cls, predict)``: ``projector(cls)`` (teacher: the key k), or ``predictor(projector(cls))``
+    with ``predict=True`` (student: the query q). Outputs are not L2-normalised (the loss does it)."""
 
     takes_predict = True  # SERENet passes its ``predict`` flag to this head
 
