@@ -14,6 +14,8 @@ COMMANDS = [
     "sere_scale.commands.profile",
     "sere_scale.commands.visualize",
     "sere_scale.commands.invariance",
+    "sere_scale.commands.linear",
+    "sere_scale.commands.export",
 ]
 
 

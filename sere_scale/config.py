@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class ImageLossConfig:
-    kind: Literal["ibot", "dino", "none"] = "ibot"
+    kind: Literal["ibot", "dino", "mocov3", "none"] = "ibot"
     out_dim: int = 8192  # prototypes K
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -65,6 +65,10 @@ class ImageLossConfig:
     teacher_patch_temp: float = 0.07
     warmup_teacher_patch_temp: float = 0.04
     patch_weight: float = 1.0
+    # MoCo v3 (kind: mocov3): projector 3-layer / predictor 2-layer MLP, InfoNCE temperature
+    moco_hidden_dim: int = 4096
+    moco_out_dim: int = 256
+    moco_temp: float = 0.2
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import ChannelRelationLoss, DINOLoss, IBOTPatchLoss, SpatialRelationLoss
+from .losses.mocov3 import MoCoV3Loss
 from .losses.sere import tokens_to_map
 
 
@@ -32,6 +33,7 @@ class SEREMethod(nn.Module):
         self.patch_weight = il.patch_weight
         self.dino = DINOLoss(il.out_dim, il.student_temp, il.center_momentum) if il.kind in ("dino", "ibot") else None
         self.ibot = IBOTPatchLoss(il.out_dim, il.student_temp, il.center_momentum) if il.kind == "ibot" else None
+        self.mocov3 = MoCoV3Loss(il.moco_temp) if il.kind == "mocov3" else None
         self.spatial = SpatialRelationLoss(s.heads or num_heads, s.spatial_size_global, s.spatial_size_local,
                                            s.tau_p, s.student_tau_p, s.relation_impl)
         self.channel = ChannelRelationLoss(s.tau_c, s.student_tau_c, s.relation_impl)
@@ -76,6 +78,10 @@ class SEREMethod(nn.Module):
                 out["loss_cls"], out["loss_patch"] = loss_cls.detach(), loss_patch.detach()
                 loss_image = loss_cls + self.patch_weight * loss_patch
             out["loss_image_norm"] = (loss_cls.detach() / math.log(self.out_dim))
+        if self.mocov3 is not None:  # queries of every student view, keys of the teacher's globals
+            q = self._views(s_g["cls_logits"], ng) + (self._views(s_l["cls_logits"], nl) if nl else [])
+            loss_image, stats = self.mocov3(q, self._views(t_out["cls_logits"], ng))
+            out["moco_acc"], out["loss_image_norm"] = stats["acc"], stats["loss_norm"]
 
         # ---- SERE spatial and channel relations
         grid_g = s_g["grid"]
