@@ -17,8 +17,8 @@ class SERENet(nn.Module):
     ``global_crops`` (n_g·B, 3, Sg, Sg) and ``local_crops`` (n_l·B, 3, Sl, Sl) are view-major (view 0's batch
     first): one forward per crop size. Returns ``{"global": out, "local": out or None}`` where each ``out`` has
     ``cls_logits`` (V·B, K) (MoCo v3: the query (V·B, D), or with ``predict=False`` the key),
-    ``patch_logits`` (V·B, N, K) (globals, iBOT only), ``spatial`` and ``channel`` tokens (V·B, N, C) after the relation heads,
-    ``cls`` (V·B, C) and ``grid`` (h, w).
+    ``patch_logits`` (V·B, N, K) (globals, iBOT only), ``spatial`` and ``channel`` tokens (V·B, N, C) after the
+    relation heads, ``cls`` (V·B, C) and ``grid`` (h, w).
     ``predict=False`` (teacher) applies only the projection heads h.
     """
 
