@@ -44,6 +44,7 @@ class DataConfig:
     batch_size: int = 64  # per rank, per micro-step
     num_workers: int = 8
     augment: Literal["cpu", "gpu"] = "cpu"
+    crop_impl: Literal["fast", "pil"] = "fast"  # CPU multi-crop: FastMultiCrop (uint8 torch resize) or PIL
 
 
 @dataclass
