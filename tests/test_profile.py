@@ -102,3 +102,18 @@ def test_profile_with_device_augmentation(tmp_path, digits_root):
     res = run_profile(cfg, steps=2, warmup=1, out_dir=str(tmp_path))
     assert res["loader_img_per_s"] > 0 and res["img_per_s"] > 0
     assert res["step_breakdown_s"]["host_to_device"] > 0
+
+
+def test_profile_command_with_baseline(tmp_path, digits_root):
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+    r = subprocess.run([sys.executable, "-m", "sere_scale", "profile", "--synthetic", "--baseline", "--steps", "2",
+                        "--warmup", "1", *tiny_overrides(tmp_path, digits_root / "train", "data.batch_size=4")],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "profile.json").read_text())
+    # the full SERE step does strictly more work than the bare backbones
+    assert res["baseline_img_per_s"] > 0 and res["speed_vs_baseline"] < 1.0
+    assert "bare-backbone baseline" in (tmp_path / "profile.md").read_text()

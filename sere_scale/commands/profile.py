@@ -15,6 +15,8 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--trace", action="store_true", help="also write a torch profiler trace (Perfetto/TensorBoard)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the bare timm backbones (student fwd+bwd on all crops, teacher fwd on globals)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="profile every combination of these values (repeatable)")
     p.set_defaults(func=run)
@@ -39,6 +41,10 @@ def run(args) -> int:
         cfg = load_config(args.config, [*args.overrides, *(f"{k}={v}" for k, v in point.items())])
         out = Path(base.output_dir) / ("_".join(f"{k}-{v}" for k, v in point.items()) if point else "")
         res = run_profile(cfg, args.steps, args.warmup, args.synthetic, args.trace, info, str(out))
+        if args.baseline:
+            from ..profiling.baseline import backbone_baseline
+            res.update(backbone_baseline(cfg, info.device, args.steps, args.warmup))
+            res["speed_vs_baseline"] = res["img_per_s_per_device"] / res["baseline_img_per_s"]
         if info.is_main:
             write_profile(res, out)
             print(f"{point or cfg.model.arch}: {res['img_per_s']:.1f} images/s, MFU {res['mfu'] * 100:.1f}%, "

@@ -36,6 +36,9 @@ def write_profile(res: dict, out_dir: str | Path) -> list[Path]:
         lines += [f"| loader alone | {res['loader_img_per_s']:.1f} images/s |",
                   f"| model alone (synthetic data) | {res['model_img_per_s']:.1f} images/s |",
                   f"| bottleneck | {res['bottleneck']} |"]
+    if res.get("baseline_img_per_s") is not None:
+        lines += [f"| bare-backbone baseline | {res['baseline_img_per_s']:.1f} images/s per device "
+                  f"(full step at {res['speed_vs_baseline']:.2f}× of it) |"]
     lines += ["", "## Step breakdown (synchronised region timers)", "", "| part | ms | share |", "|---|---|---|"]
     total = max(res["timed_step_time_s"], 1e-12)
     for k, v in bd.items():
