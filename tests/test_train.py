@@ -142,3 +142,29 @@ def test_any_number_of_crops_and_sizes(tmp_path, small_data, crops):
     out = train(cfg)
     rows = read_metrics(tmp_path / "run")
     assert out["step"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_training_from_webdataset_shards_with_exact_resume(tmp_path, digits_root, monkeypatch):
+    """sere-prep converts the digits folder; training streams the shards and resumes exactly."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+    out = tmp_path / "shards"
+    r = subprocess.run([sys.executable, "-m", "data_prep", "imagenet", str(digits_root), str(out), "--split", "train",
+                        "--shard-size", "200", "--workers", "1", "--quiet"],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    extra = ["data.path=", f"data.shards={out}", "train.max_steps=6", "data.batch_size=4"]
+    ref = train(tiny_config(tmp_path / "ref", "", *extra))
+    assert ref["step"] == 6
+    run = tmp_path / "crash"
+    with monkeypatch.context() as m:
+        _crash_after(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(run, "", *extra))
+    train(tiny_config(run, "", *extra), resume=True)
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), ra["step"]
