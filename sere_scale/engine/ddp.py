@@ -20,6 +20,7 @@ class DDPEngine(Engine):
         teacher.to(self.device)
         method.to(self.device)
         self.student = self.parallelize(student, cfg, info)
+        apply_ac_and_compile(teacher, False, cfg.engine.compile)
         self.teacher = teacher
         o = cfg.optim
         fused = self.device.type == "cuda"

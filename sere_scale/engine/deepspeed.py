@@ -229,7 +229,6 @@ class DeepSpeedEngine(Engine):
         self.student_module = self.ds.module
         _fp32_buffers(self.ds.module)
         self.student = _CastInputs(self.ds, self.lowp)
-        self._last_groups = [g for g in self.optimizer.param_groups if g.get("last_layer")]
         self._last = [p for n, p in self.ds.module.named_parameters() if "image_head.last_layer" in n]
         names = [n for n, _ in teacher.named_parameters()]
         if self.stage == 3:
@@ -285,24 +284,39 @@ class DeepSpeedEngine(Engine):
             for p in self._last:
                 _zero_grads_stage12(p)
 
+    def _last_layer_states(self) -> list:
+        """AdamW states of the last layer's flat fp32 partition(s)."""
+        zero = self.ds.optimizer
+        inner = zero.optimizer
+        ids = [i for i, g in enumerate(zero.param_groups) if g.get("last_layer")]
+        flats = [p for i in ids for p in zero.param_groups[i]["params"]]  # ZeRO-1/2 keep them in the group
+        if self.stage == 3:  # ZeRO-3 swaps each sub-group's flat partition into its group only while stepping
+            flats += [zero.fp32_partitioned_groups_flat[sub] for sub, gid in zero.sub_group_to_group_id.items()
+                      if gid in ids]
+        out, seen = [], set()
+        for f in flats:
+            if id(f) not in seen and f in inner.state:
+                seen.add(id(f))
+                out.append(inner.state[f])
+        return out
+
     def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
         self.set_lr_wd(self.optimizer, lr, wd)
-        if freeze_last_layer and self._last_groups:
+        # looked up every step: loading a checkpoint replaces the optimizer's group dicts
+        last_groups = [g for g in self.optimizer.param_groups if g.get("last_layer")]
+        if freeze_last_layer and last_groups:
             self._zero_last_layer_grads()
-            for g in self._last_groups:
+            for g in last_groups:
                 g["lr"], g["weight_decay"] = 0.0, 0.0
         self.ds.step()
         if freeze_last_layer:
             # no update happened; forget the step count too (a never-stepped parameter has none)
-            inner = self.ds.optimizer.optimizer
-            for g in self._last_groups:
-                for p in g["params"]:
-                    st = inner.state.get(p)
-                    if st and "step" in st:
-                        if torch.is_tensor(st["step"]):
-                            st["step"].zero_()
-                        else:
-                            st["step"] = 0
+            for st in self._last_layer_states():
+                if "step" in st:
+                    if torch.is_tensor(st["step"]):
+                        st["step"].zero_()
+                    else:
+                        st["step"] = 0
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,8 @@ from .base import Engine, apply_ac_and_compile, ema_, ensure_process_group, rng_
 from .params import last_layer_params, param_groups
 
 log = logging.getLogger("sere_scale")
+# SERENet returns views (CLS = tokens[:, 0]); the method never modifies model outputs in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 DCP_DIR = "dcp"
 EXTRA_FILE = "extra.pt"
@@ -242,7 +245,9 @@ def read_dcp_prefix(dcp_dir: str | Path, prefix: str) -> dict:
            if k.startswith(head) and isinstance(m, TensorStorageMetadata)}
     if not out:
         raise KeyError(f"no '{prefix}' tensors in the checkpoint at {dcp_dir}")
-    dcp.load(out, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(out, storage_reader=reader, no_dist=True)
     return {k[len(head):]: v for k, v in out.items()}
 
 
