@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..distributed import ranks_per_node
 from ..models.load import TEACHER_READERS
 from .base import Engine, apply_ac_and_compile, ema_, ensure_process_group, rng_state, set_rng_state
 from .params import last_layer_params, param_groups
@@ -44,10 +45,10 @@ _LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_mesh(strategy: str, world: int, device_type: str, node_size: int = 0):
     """1-D mesh ``("shard",)``, or for ``hybrid`` a 2-D ``("replicate", "shard")`` mesh whose shard dimension
-    is one node (``node_size`` ranks; 0 = the launcher's ``LOCAL_WORLD_SIZE``)."""
+    is one node (``node_size`` ranks; 0 = the launcher's ranks per node)."""
     if strategy != "hybrid":
         return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
-    node = node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    node = node_size or ranks_per_node(world)
     if node < 1 or world % node:
         raise ValueError(f"config key 'engine.fsdp_node_size': {node} ranks per node do not divide the world "
                          f"size {world}")
