@@ -5,10 +5,13 @@
 * the EMA update of sharded teachers equals, bitwise in fp32, the EMA of the gathered parameters, at world
   sizes 2 and 1, and under bf16 DeepSpeed it follows the fp32 master weights, not the bf16 copies;
 * an FSDP checkpoint written by 2 ranks loads at 1 rank with every tensor equal and training continues;
-* kill -9 then ``--resume`` reproduces the uninterrupted curve (FSDP, ZeRO-3); SIGTERM on one rank makes
-  every rank checkpoint and exit 124, and resuming reproduces the curve (ZeRO-2, ranks started like
-  ``srun``/the ``deepspeed`` launcher, with ``--local_rank`` on the command line);
+* kill -9 then ``--resume`` reproduces the uninterrupted curve (FSDP, ZeRO-3); SIGTERM on one rank (SIGUSR1
+  on the other) makes every rank checkpoint and exit 124, ``slurm/train_srun.sbatch`` requeues the job, and
+  resuming reproduces the curve (ZeRO-2);
 * the teacher readers rebuild the full teacher of every backend's checkpoint without processes.
+
+Launchers: torchrun; the Slurm template ``slurm/train_srun.sbatch`` with ``srun``/``scontrol`` stubbed (ranks
+from SLURM_* variables); ``accelerate launch`` with ``configs/accelerate/single_node.yaml``.
 
 Distributed work is grouped into few launches (each costs seconds): one 2-rank torchrun for all backends,
 one 1-rank torchrun, and the kill/preempt/resume launches.
@@ -71,10 +74,16 @@ def torchrun(nproc, *args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
-def run_jobs(tmp: Path, nproc: int, jobs: list, timeout=600) -> dict:
+def accelerate(nproc, *args):
+    """``accelerate launch`` with the project's single-node config (MULTI_GPU: torchrun-like, CPU works)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / "single_node.yaml"), "--num_processes", str(nproc), *args]
+
+
+def run_jobs(tmp: Path, nproc: int, jobs: list, timeout=600, launcher=torchrun) -> dict:
     jf, report = tmp / f"jobs_{nproc}_{len(jobs)}.json", tmp / f"report_{nproc}_{len(jobs)}.json"
     jf.write_text(json.dumps(jobs))
-    res = subprocess.run(torchrun(nproc, str(WORKER), str(report), str(jf)), env=env(), capture_output=True,
+    res = subprocess.run(launcher(nproc, str(WORKER), str(report), str(jf)), env=env(), capture_output=True,
                          text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return json.loads(report.read_text())
@@ -210,30 +219,40 @@ def test_kill9_and_sigterm_then_resume_reproduce_the_uninterrupted_curve(tmp_pat
         _kill_after_first_checkpoint(torchrun(2, *cli, *overrides(run, data48, name)), run, tmp_path / f"{name}.log")
         assert find_latest(run).name == "step_00000003"
         assert read_metrics(run)[-1]["step"] < 6  # really interrupted
-    # SIGTERM to rank 1 of two ranks started like srun / the deepspeed launcher (--local_rank appended)
-    run, port, procs = tmp_path / "zero2", _free_port(), []
-    for r in range(2):
-        e = env()
-        e.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "sere_scale", f"--local_rank={r}", "train",
-                                       *overrides(run, data48, "zero2")], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    # slurm/train_srun.sbatch (srun and scontrol stubbed: two tasks here, ranks from SLURM_* variables);
+    # SIGTERM to rank 1 and SIGUSR1 (the template's --signal) to rank 0 once training runs
+    run, stub_log = tmp_path / "zero2", tmp_path / "stub.log"
+    e = env()
+    e.update(PATH=f"{ROOT / 'tests' / 'dist' / 'slurm_stub'}{os.pathsep}{e['PATH']}", STUB_LOG=str(stub_log),
+             SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost",
+             MASTER_PORT=str(_free_port()), PYTHON=sys.executable)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        e.pop(k, None)
+    job = subprocess.Popen(["bash", str(ROOT / "slurm" / "train_srun.sbatch"), "/dev/null",
+                            *overrides(run, data48, "zero2")], env=e, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     while not read_metrics(run):
-        assert all(p.poll() is None for p in procs) and time.time() - t0 < 300
+        assert job.poll() is None and time.time() - t0 < 300, job.communicate()[0][-4000:]
         time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [124, 124], outs[0][-3000:] + outs[1][-3000:]
+    pids = {int(ln.split()[1]): int(ln.split()[2]) for ln in stub_log.read_text().splitlines()
+            if ln.startswith("pid")}
+    os.kill(pids[1], signal.SIGTERM)
+    os.kill(pids[0], signal.SIGUSR1)
+    out = job.communicate(timeout=300)[0]
+    lines = stub_log.read_text().splitlines()
+    assert sorted(ln for ln in lines if ln.startswith("rc")) == ["rc 0 124", "rc 1 124"], out[-4000:]
+    assert "scontrol requeue 4242" in lines and job.returncode == 0, out[-4000:]
     stopped = find_latest(run)
-    assert stopped is not None and json.loads((stopped / "meta.json").read_text())["backend"] == "deepspeed"
+    assert json.loads((stopped / "meta.json").read_text())["backend"] == "deepspeed"
     preempted_at = read_metrics(run)[-1]["step"]
     assert stopped.name == f"step_{preempted_at:08d}" and preempted_at < 6
-    # one launch resumes all three
+    assert (run / "REQUEUE").read_text().strip() == str(preempted_at)  # for launchers that hide exit codes
+    # one launch, by `accelerate launch` with configs/accelerate/single_node.yaml, resumes all three
     jobs = [{"name": n, "overrides": overrides(tmp_path / n, data48, n), "resume": True}
             for n in ("fsdp", "zero3", "zero2")]
-    rep = run_jobs(tmp_path, 2, jobs)
+    rep = run_jobs(tmp_path, 2, jobs, launcher=accelerate)
+    assert not (run / "REQUEUE").exists()
     for n in ("fsdp", "zero3", "zero2"):
         assert rep[n]["step"] == 6
         assert len(read_metrics(tmp_path / n)) == 6

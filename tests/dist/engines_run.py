@@ -13,6 +13,7 @@ training run of some backend followed by checks against independent references. 
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -137,6 +138,7 @@ def main():
     info = init_distributed()
     report = {"world": info.world_size}
     for job in jobs:
+        t0 = time.time()
         cfg = load_config(None, job["overrides"])
         rec = {}
         if job.get("reload"):
@@ -164,8 +166,9 @@ def main():
                 torch.save(st, Path(cfg.output_dir) / "ref.pt")
         if job.get("ema"):
             rec["ema"] = ema_check(eng, float(job["ema"]))
-        report[job["name"]] = rec
         dist.barrier()
+        rec["seconds"] = round(time.time() - t0, 1)
+        report[job["name"]] = rec
     if info.is_main:
         Path(report_path).write_text(json.dumps(report, indent=1, default=str))
     dist.destroy_process_group()
