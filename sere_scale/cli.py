@@ -12,6 +12,11 @@ from .config import ConfigError
 COMMANDS = [
     "sere_scale.commands.train",
     "sere_scale.commands.knn",
+    "sere_scale.commands.profile",
+    "sere_scale.commands.visualize",
+    "sere_scale.commands.invariance",
+    "sere_scale.commands.linear",
+    "sere_scale.commands.export",
 ]
 
 
@@ -50,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

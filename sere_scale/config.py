@@ -44,11 +44,12 @@ class DataConfig:
     batch_size: int = 64  # per rank, per micro-step
     num_workers: int = 8
     augment: Literal["cpu", "gpu"] = "cpu"
+    crop_impl: Literal["fast", "pil"] = "fast"  # CPU multi-crop: FastMultiCrop (uint8 torch resize) or PIL
 
 
 @dataclass
 class ImageLossConfig:
-    kind: Literal["ibot", "dino", "none"] = "ibot"
+    kind: Literal["ibot", "dino", "mocov3", "none"] = "ibot"
     out_dim: int = 8192  # prototypes K
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -65,6 +66,10 @@ class ImageLossConfig:
     teacher_patch_temp: float = 0.07
     warmup_teacher_patch_temp: float = 0.04
     patch_weight: float = 1.0
+    # MoCo v3 (kind: mocov3): projector 3-layer / predictor 2-layer MLP, InfoNCE temperature
+    moco_hidden_dim: int = 4096
+    moco_out_dim: int = 256
+    moco_temp: float = 0.2
 
 
 @dataclass
@@ -106,6 +111,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
+    log_mfu: bool = True  # count one step's FLOPs at start; log mfu and data_wait_pct
 
 
 @dataclass
@@ -130,6 +136,9 @@ class EvalConfig:
     knn_t: float = 0.07
     val_path: str = ""
     eval_size: int = 224
+    invariance_every: int = 0  # steps between self-relation invariance measurements of the teacher (0: off)
+    invariance_data: str = ""  # image folder for them (default: val_path)
+    invariance_images: int = 64  # images per measurement
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """``make demo``: pretrain a tiny ViT with iBOT+SERE on the embedded digits (2 DDP ranks on CPU), then print
-the k-NN accuracy of the trained teacher beside that of the same backbone at random init."""
+the k-NN and linear-probe accuracies and the self-relation invariance of the trained teacher beside those of the
+same backbone at random init, and write pictures of what it learned (docs/VISUALIZE.md) for a few validation
+images."""
 from __future__ import annotations
 
 import argparse
@@ -33,17 +35,28 @@ def main(argv=None) -> int:
         return rc
 
     from .eval.knn import knn_accuracy
-    from .models.load import load_teacher
-    results = {}
+    from .eval.linear import linear_accuracy
+    from .models.load import load_teacher, resolve_checkpoint
+    results, linear = {}, {}
     for name, rand in (("random-init", True), ("trained", False)):
         c, net = load_teacher(cfg.output_dir, random_init=rand)
         results[name] = knn_accuracy(net.backbone, str(data / "train"), str(data / "val"), c.eval.eval_size,
                                      c.eval.knn_k, c.eval.knn_t)
+        key = {"checkpoint": str(resolve_checkpoint(cfg.output_dir)[0].resolve()), "random_init": rand}
+        linear[name] = linear_accuracy(net.backbone, str(data / "train"), str(data / "val"), c.eval.eval_size,
+                                       Path(cfg.output_dir) / "linear", key)
     print("\nk-NN accuracy on the digits validation split (teacher backbone, k=20, T=0.07):")
     for name, r in results.items():
         print(f"  {name:12s} top-1 {r['top1']:6.2f}%   top-5 {r['top5']:6.2f}%")
     gain = results["trained"]["top1"] - results["random-init"]["top1"]
     print(f"  SERE pretraining gain: {gain:+.2f} points")
+    print("\nLinear-probe accuracy on the digits validation split (teacher backbone, frozen CLS features):")
+    for name, r in linear.items():
+        print(f"  {name:12s} top-1 {r['top1']:6.2f}%   top-5 {r['top5']:6.2f}%   (lr {r['lr']:g})")
+    gain = linear["trained"]["top1"] - linear["random-init"]["top1"]
+    print(f"  SERE pretraining gain: {gain:+.2f} points")
+    from .viz.write import demo_report
+    demo_report(cfg.output_dir, data / "val")
     return 0
 
 

@@ -5,6 +5,7 @@ Knows nothing of the engine (DDP/FSDP/DeepSpeed): ``student`` and ``teacher`` ar
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -12,12 +13,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import ChannelRelationLoss, DINOLoss, IBOTPatchLoss, SpatialRelationLoss
+from .losses.mocov3 import MoCoV3Loss
 from .losses.sere import tokens_to_map
+
+
+def _no_timer(name: str):
+    return contextlib.nullcontext()
 
 
 class SEREMethod(nn.Module):
     def __init__(self, cfg, num_heads: int):
         super().__init__()
+        self.timer = _no_timer  # the profiler swaps in a region timer (teacher/student forward, losses)
         il, s = cfg.image_loss, cfg.sere
         self.n_global = cfg.data.n_global
         self.kind = il.kind
@@ -26,6 +33,7 @@ class SEREMethod(nn.Module):
         self.patch_weight = il.patch_weight
         self.dino = DINOLoss(il.out_dim, il.student_temp, il.center_momentum) if il.kind in ("dino", "ibot") else None
         self.ibot = IBOTPatchLoss(il.out_dim, il.student_temp, il.center_momentum) if il.kind == "ibot" else None
+        self.mocov3 = MoCoV3Loss(il.moco_temp) if il.kind == "mocov3" else None
         self.spatial = SpatialRelationLoss(s.heads or num_heads, s.spatial_size_global, s.spatial_size_local,
                                            s.tau_p, s.student_tau_p, s.relation_impl)
         self.channel = ChannelRelationLoss(s.tau_c, s.student_tau_c, s.relation_impl)
@@ -44,14 +52,20 @@ class SEREMethod(nn.Module):
         if self.ibot is not None:
             m = batch["masks"]  # (B, n_g, h, w) → view-major (n_g·B, h, w)
             masks = m.transpose(0, 1).reshape(-1, *m.shape[2:])
-        with torch.no_grad():
+        with torch.no_grad(), self.timer("teacher_forward"):
             t_out = teacher(g, None, None, predict=False)["global"]
-        s_all = student(g, loc, masks, predict=True)
+        with self.timer("student_forward"):
+            s_all = student(g, loc, masks, predict=True)
+        with self.timer("losses"):
+            return self._losses(batch, t_out, s_all, masks, sched, ng, nl)
+
+    def _losses(self, batch, t_out, s_all, masks, sched, ng, nl) -> dict:
         s_g, s_l = s_all["global"], s_all["local"]
+        g_device = t_out["cls"].device
         out = {}
 
         # ---- image-level loss L_I
-        loss_image = torch.zeros((), device=g.device)
+        loss_image = torch.zeros((), device=g_device)
         if self.dino is not None:
             s_cls = self._views(s_g["cls_logits"], ng) + (self._views(s_l["cls_logits"], nl) if nl else [])
             t_cls = self._views(t_out["cls_logits"], ng)
@@ -64,6 +78,10 @@ class SEREMethod(nn.Module):
                 out["loss_cls"], out["loss_patch"] = loss_cls.detach(), loss_patch.detach()
                 loss_image = loss_cls + self.patch_weight * loss_patch
             out["loss_image_norm"] = (loss_cls.detach() / math.log(self.out_dim))
+        if self.mocov3 is not None:  # queries of every student view, keys of the teacher's globals
+            q = self._views(s_g["cls_logits"], ng) + (self._views(s_l["cls_logits"], nl) if nl else [])
+            loss_image, stats = self.mocov3(q, self._views(t_out["cls_logits"], ng))
+            out["moco_acc"], out["loss_image_norm"] = stats["acc"], stats["loss_norm"]
 
         # ---- SERE spatial and channel relations
         grid_g = s_g["grid"]

@@ -1,6 +1,7 @@
 """The training loop: joins data, method and engine; never branches on the backend."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -33,8 +34,42 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+class LiveMFU:
+    """Counts one optimiser step's FLOPs (this rank) once, then reports model FLOPs utilisation."""
+
+    def __init__(self, device, precision: str):
+        self.device, self.precision = device, precision
+        self.flops_per_step, self.peak, self._tried = 0, None, False
+
+    def counting(self):
+        if self._tried:
+            return contextlib.nullcontext()
+        self._tried = True
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from .profiling.flops import _cpu_sdpa_mapping, device_peak
+        self.peak, _ = device_peak(self.device, self.precision)
+        mode = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping())
+
+        @contextlib.contextmanager
+        def ctx():
+            with mode:
+                yield
+            self.flops_per_step = int(mode.get_total_flops())
+        return ctx()
+
+    def value(self, steps: int, seconds: float) -> float:
+        return self.flops_per_step * steps / max(seconds, 1e-12) / self.peak
+
+
+def _to_device(batch: dict, device: torch.device, augment=None, position: tuple = (0, 0)) -> dict:
+    """Move a batch to ``device``; an encoded batch (``data.augment=gpu``) is first decoded and multi-cropped
+    there by ``augment`` (``data.encoded.DeviceAugment``), seeded by ``position`` = (epoch, batch index)."""
     nb = device.type == "cuda"
+    if "encoded" in batch:
+        if augment is None:
+            raise ValueError("an encoded batch (data.augment=gpu) needs a DeviceAugment: pass augment=")
+        batch = augment(batch, *position)
     out = dict(batch)
     out["crops"] = [c.to(device, non_blocking=nb) for c in batch["crops"]]
     for k in ("boxes", "flips", "masks", "labels"):
@@ -55,6 +90,13 @@ class _Preemption:
 
     def _handler(self, signum, frame):
         self.flag = True
+
+
+def _global_count(local: int, info: DistInfo) -> int:
+    """Sum of a per-rank count over all ranks."""
+    if not info.distributed:
+        return int(local)
+    return int(all_reduce_sum(torch.tensor([float(local)], device=info.device)).item())
 
 
 def _seed_everything(seed: int, rank: int) -> None:
@@ -81,6 +123,10 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     method = SEREMethod(cfg, student.backbone.num_heads)
     _seed_everything(cfg.train.seed, info.rank)
     loader = build_train_loader(cfg, info.rank, info.world_size)
+    augment = None
+    if cfg.data.augment == "gpu":
+        from .data.encoded import DeviceAugment
+        augment = DeviceAugment.from_config(cfg, info.device, info.rank)
     accum = cfg.train.grad_accum
     steps_per_epoch = loader.batches_per_epoch // accum
     if steps_per_epoch < 1:
@@ -111,32 +157,38 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     every = cfg.checkpoint.every_steps
     exit_reason = "done"
     last_record: dict = {}
-    window_t, window_imgs, window_corrupt = time.perf_counter(), 0, 0
+    window_t, window_imgs, window_corrupt, window_wait, window_steps = time.perf_counter(), 0, 0, 0.0, 0
     global_batch = cfg.data.batch_size * info.world_size * accum
+    mfu = LiveMFU(info.device, engine.precision) if cfg.train.log_mfu else None
 
     it = loader.epoch_iter(state["epoch"], state["batch"])
     while state["step"] < total:
         s = sched.at(state["step"])
         outs, finite = [], True
-        for k in range(accum):
-            batch = next(it, None)
-            if batch is None:  # end of epoch (every rank has the same number of batches)
-                state["epoch"] += 1
-                state["batch"] = 0
-                it = loader.epoch_iter(state["epoch"], 0)
-                batch = next(it)
-            state["batch"] += 1
-            window_corrupt += batch["n_corrupt"]
-            batch = _to_device(batch, info.device)
-            with engine.no_sync(k < accum - 1):
-                with engine.autocast():
-                    out = method(engine.student, engine.teacher, batch, s)
-                ok = torch.isfinite(out["loss"].detach()).float()
-                if not bool(all_reduce_sum(ok.clone()).item() == info.world_size):
-                    finite = False
-                    break
-                engine.backward(out["loss"] / accum)
-            outs.append(out)
+        counting = mfu.counting() if mfu is not None else contextlib.nullcontext()
+        with counting:
+            for k in range(accum):
+                t_wait = time.perf_counter()
+                batch = next(it, None)
+                if batch is None:  # end of epoch (every rank has the same number of batches)
+                    state["epoch"] += 1
+                    state["batch"] = 0
+                    it = loader.epoch_iter(state["epoch"], 0)
+                    batch = next(it)
+                window_wait += time.perf_counter() - t_wait
+                position = (state["epoch"], state["batch"])
+                state["batch"] += 1
+                batch = _to_device(batch, info.device, augment, position)
+                window_corrupt += batch["n_corrupt"]
+                with engine.no_sync(k < accum - 1):
+                    with engine.autocast():
+                        out = method(engine.student, engine.teacher, batch, s)
+                    ok = torch.isfinite(out["loss"].detach()).float()
+                    if not bool(all_reduce_sum(ok.clone()).item() == info.world_size):
+                        finite = False
+                        break
+                    engine.backward(out["loss"] / accum)
+                outs.append(out)
         if not finite:
             engine.zero_grad()
             method.discard_pending()
@@ -146,8 +198,8 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                 state["step"] += 1
                 continue
             saved = ckpt.save(engine, dict(state))
-            msg = (f"non-finite loss at step {state['step']} (loss components: "
-                   f"{ {k: float(v.detach()) for k, v in out.items() if k.startswith('loss')} }); the last good state is "
+            parts = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
+            msg = (f"non-finite loss at step {state['step']} (loss components: {parts}); the last good state is "
                    f"checkpointed at {saved}. Lower the lr, or set train.nonfinite=skip to skip such steps.")
             metrics.close()
             raise NonFiniteLoss(msg)
@@ -160,20 +212,27 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             state["batch"] = 0
             it = loader.epoch_iter(state["epoch"], 0)
         window_imgs += global_batch
+        window_steps += 1
         if pbar is not None:
             pbar.update(1)
 
         step = state["step"]
         if step % cfg.train.log_every == 0 or step == total:
             dt = time.perf_counter() - window_t
-            corrupt = int(all_reduce_sum(torch.tensor([float(window_corrupt)], device=info.device)).item())
-            state["n_corrupt"] += corrupt
+            state["n_corrupt"] += _global_count(window_corrupt, info)
+            window_corrupt = 0
             rec = {"step": step, "epoch": s["epoch"], "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"],
                    "teacher_temp": s["teacher_temp"], "img_per_s": window_imgs / max(dt, 1e-9),
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "n_corrupt": state["n_corrupt"], "n_skipped": state["n_skipped"]}
+                   "n_corrupt": state["n_corrupt"], "n_skipped": state["n_skipped"],
+                   "data_wait_pct": 100.0 * window_wait / max(dt, 1e-9)}
+            if mfu is not None and mfu.flops_per_step:
+                rec["mfu"] = mfu.value(window_steps, dt)
             for key in outs[0]:
                 rec[key] = sum(float(o[key].detach()) for o in outs) / len(outs)
+            if cfg.eval.invariance_every:
+                from .eval.invariance import invariance_during_training
+                rec.update(invariance_during_training(cfg, engine, step, info))
             metrics.log(rec)
             last_record = rec
             if pbar is not None:
@@ -181,11 +240,13 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             elif info.is_main:
                 log.info("step %d/%d loss %.4f (image %.4f spatial %.4f channel %.4f) %.1f img/s", step, total,
                          rec["loss"], rec["loss_image"], rec["loss_spatial"], rec["loss_channel"], rec["img_per_s"])
-            window_t, window_imgs, window_corrupt = time.perf_counter(), 0, 0
+            window_t, window_imgs, window_corrupt, window_wait, window_steps = time.perf_counter(), 0, 0, 0.0, 0
 
         stop_now = bool(all_reduce_sum(torch.tensor([float(preempt.flag)], device=info.device)).item() > 0) \
             if info.distributed else preempt.flag
         if step % every == 0 or step == total or stop_now:
+            state["n_corrupt"] += _global_count(window_corrupt, info)
+            window_corrupt = 0
             ckpt.save(engine, dict(state))
         if stop_now:
             exit_reason = "preempted"

@@ -34,7 +34,8 @@ def test_samples_are_original_coordinates_at_region_cell_centres():
     outs = []
     for box, flip in views:
         f = coord_map(box, flip, h, w)[None]
-        out = region_aligned_sample(f, torch.tensor([box], dtype=torch.float64), torch.tensor([flip]), region.double(), S)
+        vb = torch.tensor([box], dtype=torch.float64)
+        out = region_aligned_sample(f, vb, torch.tensor([flip]), region.double(), S)
         assert out.shape == (1, 2, S, S)
         # x varies left→right along columns, y top→bottom along rows, in the original orientation
         assert torch.allclose(out[0, 0], exp_x[None, :].expand(S, S), atol=1e-9)

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from sere_scale.data.masking import MaskGenerator, block_mask
+from sere_scale.data.fastcrop import FastMultiCrop
 from sere_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
 
 W, H = 256, 192
@@ -33,12 +34,13 @@ def test_shapes_order_and_types():
     assert (b[:, 0] < b[:, 2]).all() and (b[:, 1] < b[:, 3]).all() and (b >= 0).all() and (b <= 1).all()
 
 
+@pytest.mark.parametrize("cls", [MultiCrop, FastMultiCrop])
 @pytest.mark.parametrize("seed", range(6))
-def test_crop_pixels_match_box_and_flip(seed):
+def test_crop_pixels_match_box_and_flip(seed, cls):
     random.seed(seed)
     torch.manual_seed(seed)
     S = 48
-    mc = MultiCrop(S, 24, n_global=2, n_local=2, global_scale=(0.3, 1), local_scale=(0.1, 0.4), photometric=False)
+    mc = cls(S, 24, n_global=2, n_local=2, global_scale=(0.3, 1), local_scale=(0.1, 0.4), photometric=False)
     out = mc(coord_image())
     for crop, box, flip in zip(out["crops"], out["boxes"], out["flips"]):
         s = crop.shape[-1]

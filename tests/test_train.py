@@ -34,7 +34,7 @@ def test_run_directory_contents(tmp_path, small_data):
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("step", "epoch", "loss", "loss_image", "loss_spatial", "loss_channel", "lr", "img_per_s",
-                "teacher_entropy", "loss_image_norm", "feature_std"):
+                "teacher_entropy", "loss_image_norm", "feature_std", "mfu", "data_wait_pct"):
         assert key in rows[0], key
     for r in rows:  # the logged total is the weighted sum of the parts
         w = cfg.sere
@@ -125,3 +125,46 @@ def test_nonfinite_loss_skip_policy_counts(tmp_path, small_data, monkeypatch):
     rows = read_metrics(tmp_path / "run")
     assert rows[-1]["n_skipped"] == 1
     assert all(json.dumps(r) for r in rows)
+
+
+def test_live_mfu_and_data_wait_are_plausible(tmp_path, small_data):
+    train(tiny_config(tmp_path / "run", small_data, "train.max_steps=2"))
+    rows = read_metrics(tmp_path / "run")
+    assert all(0 < r["mfu"] < 1 and 0 <= r["data_wait_pct"] <= 100 for r in rows)
+
+
+@pytest.mark.parametrize("crops", [("3", "0", "48", "16"), ("2", "3", "24", "8")])
+def test_any_number_of_crops_and_sizes(tmp_path, small_data, crops):
+    ng, nl, gs, ls = crops
+    cfg = tiny_config(tmp_path / "run", small_data, f"data.n_global={ng}", f"data.n_local={nl}",
+                      f"data.global_size={gs}", f"data.local_size={ls}", "train.max_steps=2",
+                      "sere.spatial_size_local=1")
+    out = train(cfg)
+    rows = read_metrics(tmp_path / "run")
+    assert out["step"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_training_from_webdataset_shards_with_exact_resume(tmp_path, digits_root, monkeypatch):
+    """sere-prep converts the digits folder; training streams the shards and resumes exactly."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+    out = tmp_path / "shards"
+    r = subprocess.run([sys.executable, "-m", "data_prep", "imagenet", str(digits_root), str(out), "--split", "train",
+                        "--shard-size", "200", "--workers", "1", "--quiet"],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    extra = ["data.path=", f"data.shards={out}", "train.max_steps=6", "data.batch_size=4"]
+    ref = train(tiny_config(tmp_path / "ref", "", *extra))
+    assert ref["step"] == 6
+    run = tmp_path / "crash"
+    with monkeypatch.context() as m:
+        _crash_after(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(run, "", *extra))
+    train(tiny_config(run, "", *extra), resume=True)
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), ra["step"]

@@ -17,8 +17,13 @@ from .transform import SSLTransform, collate_ssl
 
 class FolderLoader:
     def __init__(self, root: str, transform, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int):
-        self.dataset = ImageFolderSSL(root, transform, seed=seed)
+                 num_workers: int, encoded: bool = False):
+        self.collate = collate_ssl
+        if encoded:  # data.augment=gpu: ship file bytes, the device decodes and crops (encoded.py)
+            from .encoded import EncodedImageFolder, collate_encoded
+            self.dataset, self.collate = EncodedImageFolder(root, transform, seed=seed), collate_encoded
+        else:
+            self.dataset = ImageFolderSSL(root, transform, seed=seed)
         self.sampler = ResumableDistributedSampler(len(self.dataset), batch_size, rank, world_size, seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
@@ -32,19 +37,28 @@ class FolderLoader:
         # A private generator keeps the DataLoader from drawing on the global RNG (exact resume).
         g = torch.Generator().manual_seed(self.seed + epoch)
         dl = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                        num_workers=self.num_workers, collate_fn=collate_ssl, drop_last=True,
+                        num_workers=self.num_workers, collate_fn=self.collate, drop_last=True,
                         persistent_workers=False, generator=g,
                         multiprocessing_context="fork" if self.num_workers > 0 else None)
         return iter(dl)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1):
-    transform = SSLTransform.from_config(cfg)
     d = cfg.data
+    gpu = d.augment == "gpu"
+    if gpu:
+        from .encoded import EncodedSSLTransform
+        transform = EncodedSSLTransform.from_config(cfg)
+    else:
+        transform = SSLTransform.from_config(cfg)
     if d.shards:
+        if gpu:  # the shard loader would need to yield encoded.collate_encoded batches
+            from ..config import ConfigError
+            raise ConfigError("config key 'data.augment': 'gpu' is supported with 'data.path' only so far")
         from .shards import ShardLoader  # WebDataset streaming (data-plane issue)
         return ShardLoader(d.shards, transform, d.batch_size, rank, world_size, cfg.train.seed, d.num_workers)
     if not d.path:
         from ..config import ConfigError
         raise ConfigError("config key 'data.path': set an image folder (or 'data.shards')")
-    return FolderLoader(d.path, transform, d.batch_size, rank, world_size, cfg.train.seed, d.num_workers)
+    return FolderLoader(d.path, transform, d.batch_size, rank, world_size, cfg.train.seed, d.num_workers,
+                        encoded=gpu)

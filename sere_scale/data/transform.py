@@ -41,7 +41,9 @@ class SSLTransform:
     @classmethod
     def from_config(cls, cfg) -> "SSLTransform":
         d, il = cfg.data, cfg.image_loss
-        mc = MultiCrop(d.global_size, d.local_size, d.n_global, d.n_local, d.global_scale, d.local_scale,
+        from .fastcrop import FastMultiCrop
+        crop_cls = FastMultiCrop if d.crop_impl == "fast" else MultiCrop
+        mc = crop_cls(d.global_size, d.local_size, d.n_global, d.n_local, d.global_scale, d.local_scale,
                        photometric=d.photometric)
         from ..models.backbone import patch_size_of
         masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None

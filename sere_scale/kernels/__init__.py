@@ -7,20 +7,55 @@
 * logits ``scale * x xᵀ`` (G, R, R); returns the mean over G×R of CE(softmax(teacher row), softmax(student row)),
   or, with ``weights`` (G,), the weighted mean over groups of the per-group row mean.
 * gradient flows to ``student`` only; all softmaxes are evaluated in fp32.
+
+Implementations (``impl``; see docs/KERNELS.md):
+
+* ``plain``: materialises the (G, R, R) logits; the reference.
+* ``chunked``: row-blocked autograd Function, O(G·block·R) extra memory, recomputes in backward. Any device.
+* ``triton``: fused forward/backward kernels that never build an R×R matrix. CUDA only (or TRITON_INTERPRET=1).
+* ``auto``: ``triton`` for CUDA inputs when triton imports and the dtypes are supported, else ``chunked``.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .plain import relation_cross_entropy_plain
+from .chunked import relation_ce_rows_chunked
+from .plain import relation_ce_rows, weighted_mean
 
-IMPLS = ("auto", "plain")
+IMPLS = ("auto", "plain", "chunked", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_rows(student, teacher, student_scale, teacher_scale):
+    if not triton_available():
+        raise RuntimeError("impl='triton' requested but triton is not installed (pip install 'sere_scale[triton]')")
+    from .triton_relation import relation_ce_rows_triton
+    return relation_ce_rows_triton(student, teacher, student_scale, teacher_scale)
+
+
+def resolve_impl(student: torch.Tensor, teacher: torch.Tensor, impl: str = "auto") -> str:
+    """The concrete implementation ``impl`` stands for on these inputs."""
+    if impl != "auto":
+        return impl
+    supported = (torch.float32, torch.float16, torch.bfloat16)
+    if (student.is_cuda and teacher.is_cuda and student.dtype in supported and teacher.dtype in supported
+            and student.numel() > 0 and teacher.shape[2] > 0 and triton_available()):
+        return "triton"
+    return "chunked"
+
+
+_ROWS = {"plain": relation_ce_rows, "chunked": relation_ce_rows_chunked, "triton": _triton_rows}
 
 
 def relation_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, student_scale: float,
-                           teacher_scale: float, weights: Optional[torch.Tensor] = None,
+                           teacher_scale: float, weights: torch.Tensor | None = None,
                            impl: str = "auto") -> torch.Tensor:
     if student.dim() != 3 or teacher.dim() != 3:
         raise ValueError(f"relation_cross_entropy expects (G, R, D) inputs, got {tuple(student.shape)} "
@@ -32,7 +67,8 @@ def relation_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, student
         raise ValueError(f"weights must have shape (G,) = ({student.shape[0]},), got {tuple(weights.shape)}")
     if impl not in IMPLS:
         raise ValueError(f"unknown relation impl '{impl}', expected one of {IMPLS}")
-    return relation_cross_entropy_plain(student, teacher, student_scale, teacher_scale, weights)
+    rows = _ROWS[resolve_impl(student, teacher, impl)]
+    return weighted_mean(rows(student, teacher, student_scale, teacher_scale), weights)
 
 
-__all__ = ["relation_cross_entropy", "IMPLS"]
+__all__ = ["IMPLS", "relation_cross_entropy", "resolve_impl", "triton_available"]

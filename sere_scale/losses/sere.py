@@ -41,7 +41,7 @@ class SpatialRelationLoss(nn.Module):
         if C % self.heads:
             raise ValueError(f"sere.heads={self.heads} does not divide the channel count {C}")
         d = C // self.heads
-        sums, weights, n_valid = [], [], 0
+        sums, weights = [], []
         for kind in ("global", "local"):
             S = self.size_global if kind == "global" else self.size_local
             s_list, t_list, w_list = [], [], []

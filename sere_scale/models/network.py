@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .backbone import ViTBackbone, create_vit
 from .heads import DINOHead, RelationHeads
+from .mocov3_heads import MoCoV3Head
 
 
 class SERENet(nn.Module):
@@ -15,8 +16,9 @@ class SERENet(nn.Module):
 
     ``global_crops`` (n_g·B, 3, Sg, Sg) and ``local_crops`` (n_l·B, 3, Sl, Sl) are view-major (view 0's batch
     first): one forward per crop size. Returns ``{"global": out, "local": out or None}`` where each ``out`` has
-    ``cls_logits`` (V·B, K), ``patch_logits`` (V·B, N, K) (globals, iBOT only), ``spatial`` and ``channel``
-    tokens (V·B, N, C) after the relation heads, ``cls`` (V·B, C) and ``grid`` (h, w).
+    ``cls_logits`` (V·B, K) (MoCo v3: the query (V·B, D), or with ``predict=False`` the key),
+    ``patch_logits`` (V·B, N, K) (globals, iBOT only), ``spatial`` and ``channel`` tokens (V·B, N, C) after the
+    relation heads, ``cls`` (V·B, C) and ``grid`` (h, w).
     ``predict=False`` (teacher) applies only the projection heads h.
     """
 
@@ -43,6 +45,8 @@ class SERENet(nn.Module):
                 logits = self.image_head(tokens)
                 out["cls_logits"], out["patch_logits"] = logits[:, 0], logits[:, 1:]
                 assert logits.shape[0] == n
+            elif getattr(self.image_head, "takes_predict", False):  # MoCo v3: student q, teacher k
+                out["cls_logits"] = self.image_head(f["cls"], predict)
             else:
                 out["cls_logits"] = self.image_head(f["cls"])
         out["spatial"], out["channel"] = heads(f["pre"], predict)
@@ -64,6 +68,8 @@ def build_network(cfg, teacher: bool = False) -> SERENet:
     head = None
     if il.kind in ("dino", "ibot"):
         head = DINOHead(backbone.embed_dim, il.out_dim, il.hidden_dim, il.bottleneck_dim, il.norm_last_layer)
+    elif il.kind == "mocov3":
+        head = MoCoV3Head(backbone.embed_dim, il.moco_hidden_dim, il.moco_out_dim)
     return SERENet(backbone, head, patch_logits=(il.kind == "ibot"), with_local=cfg.data.n_local > 0,
                    share_local_heads=cfg.sere.share_local_heads)
 

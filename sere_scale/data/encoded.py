@@ -1,0 +1,121 @@
+"""``data.augment=gpu``: loaders ship encoded bytes (+ labels and CPU-made iBOT masks); the device augments.
+
+- ``EncodedSSLTransform``: raw bytes → ``{"encoded", "masks"}`` (the masks exactly as ``SSLTransform`` makes them).
+- ``EncodedImageFolder``: the folder dataset reading file bytes instead of decoding.
+- ``collate_encoded``: batch ``{"encoded": packed uint8, "encoded_sizes": (B,), "masks", "labels", "n_corrupt"}``
+  (``encoded`` may also be a list of B uint8 tensors); any loader (folder, shards) that yields this format
+  works with ``DeviceAugment``.
+- ``DeviceAugment``: called by the training loop on such a batch with its (epoch, batch index); runs
+  ``GPUMultiCrop`` with a generator seeded from (seed, epoch, batch, rank) and returns the usual
+  ``collate_ssl`` batch on the device, so a resumed run sees identical crops.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .folder import ImageFolderSSL
+from .gpu_multicrop import GPUMultiCrop
+from .masking import MaskGenerator
+from .transform import sample_rng
+
+log = logging.getLogger(__name__)
+
+
+class EncodedSSLTransform:
+    """Bytes → ``{"encoded": uint8 tensor, "masks": (n_global, h, w) bool}``."""
+
+    def __init__(self, n_global: int, global_size: int, patch_size: int, masks: MaskGenerator | None = None):
+        self.n_global, self.grid, self.masks = n_global, global_size // patch_size, masks
+
+    @classmethod
+    def from_config(cls, cfg) -> EncodedSSLTransform:
+        d, il = cfg.data, cfg.image_loss
+        from ..models.backbone import patch_size_of
+        masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
+        return cls(d.n_global, d.global_size, patch_size_of(cfg.model), masks)
+
+    def __call__(self, data: bytes) -> dict:
+        g = self.grid
+        if self.masks is not None:
+            masks = torch.stack([self.masks(g, g) for _ in range(self.n_global)])
+        else:
+            masks = torch.zeros(self.n_global, g, g, dtype=torch.bool)
+        enc = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        return {"encoded": enc, "masks": masks}
+
+
+class EncodedImageFolder(ImageFolderSSL):
+    """Items ``{"encoded", "masks", "label", "index"}``; ``None`` if the file cannot be read (decoding, and so
+    the check for corrupt content, happens on the device)."""
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            log.warning("skipping unreadable image %s: %s", path, e)
+            return None
+        with sample_rng(self.seed, self.epoch, index):
+            out = self.transform(data)
+        out["label"], out["index"] = label, index
+        return out
+
+
+def collate_encoded(samples: list) -> dict:
+    """Batch of encoded samples; ``None`` samples are dropped and counted in ``n_corrupt``.
+
+    The images travel packed in one uint8 tensor ``encoded`` with their byte counts ``encoded_sizes`` (one
+    shared-memory segment per batch from a worker, not one per image); ``split_encoded`` unpacks them.
+    """
+    good = [s for s in samples if s is not None]
+    enc = [s["encoded"].reshape(-1) for s in good]
+    out = {"encoded": torch.cat(enc) if enc else torch.zeros(0, dtype=torch.uint8),
+           "encoded_sizes": torch.tensor([e.numel() for e in enc], dtype=torch.long),
+           "labels": torch.tensor([int(s.get("label", -1)) for s in good], dtype=torch.long),
+           "n_corrupt": len(samples) - len(good)}
+    out["masks"] = torch.stack([s["masks"] for s in good]) if good else torch.zeros(0, dtype=torch.bool)
+    if good and "index" in good[0]:
+        out["index"] = torch.tensor([int(s["index"]) for s in good], dtype=torch.long)
+    return out
+
+
+def split_encoded(batch: dict) -> list:
+    """The batch's images as a list of 1-D uint8 tensors (views into the packed tensor, or the list as given)."""
+    enc = batch["encoded"]
+    if isinstance(enc, torch.Tensor):
+        return list(enc.split(batch["encoded_sizes"].tolist())) if len(batch["encoded_sizes"]) else []
+    return list(enc)
+
+
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + batch * 104_729 + rank * 15_485_863) % (2**63 - 1)
+
+
+class DeviceAugment:
+    """Encoded batch → ``collate_ssl``-style batch on the device (crops, boxes, flips, masks, labels)."""
+
+    def __init__(self, multicrop: GPUMultiCrop, seed: int = 0, rank: int = 0):
+        self.multicrop, self.seed, self.rank = multicrop, seed, rank
+
+    @classmethod
+    def from_config(cls, cfg, device, rank: int = 0) -> DeviceAugment:
+        d = cfg.data
+        mc = GPUMultiCrop(d.global_size, d.local_size, d.n_global, d.n_local, d.global_scale, d.local_scale,
+                          photometric=d.photometric, device=device)
+        return cls(mc, cfg.train.seed, rank)
+
+    def __call__(self, batch: dict, epoch: int, index: int) -> dict:
+        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, index, self.rank))
+        images = split_encoded(batch)
+        res = self.multicrop(images, generator=g)
+        kept, dev, B = res["kept"], self.multicrop.device, len(images)
+        out = {k: v for k, v in batch.items() if k not in ("encoded", "encoded_sizes")}
+        out.update(crops=res["crops"], boxes=res["boxes"], flips=res["flips"],
+                   n_corrupt=batch["n_corrupt"] + B - len(kept))
+        for k in ("masks", "labels", "index"):
+            if k in batch and len(batch[k]) == B:
+                out[k] = batch[k][kept].to(dev)
+        return out

@@ -1,0 +1,222 @@
+"""Streaming multi-crop loader over WebDataset tar shards, with exact epochs and an exact resume position.
+
+``ShardLoader(shards, transform, batch_size, rank, world_size, seed, num_workers)`` has the interface of
+``loader.py``: ``batches_per_epoch`` (equal on every rank) and ``epoch_iter(epoch, start_batch)``. What each
+rank and worker reads is planned by ``shardplan.py`` from the shard counts alone (no communication): in epoch
+mode the ranks' samples are disjoint and cover the epoch but for a tail of < world × batch samples; resuming at
+(epoch, batch) continues exactly where the run stopped (same batches, nothing seen twice or skipped), provided
+seed, world size, batch size, worker count and shuffle buffer are unchanged (``load_state_dict`` checks).
+
+Per sample: the stored image bytes are opened lazily, ``seed_sample(seed, epoch, global id)`` seeds the
+augmentation, and ``transform`` (e.g. ``SSLTransform``) makes crops, boxes, flips and iBOT masks; batches are
+``collate_ssl`` dicts plus ``index`` (global sample ids of the kept samples). A sample that is missing, does not
+decode or lies in a truncated part of a tar still takes its slot and is counted in the batch's ``n_corrupt``.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shardlist import ShardSet, is_local, resolve_shards
+from .shardplan import batches_per_epoch, consumed_batches, stream_batches, stream_order, stream_pieces
+from .shardread import iter_piece
+from .transform import collate_ssl, seed_sample
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+STATE_VERSION = 1
+
+
+def _lazy_ok(transform) -> bool:
+    """True if the transform takes a not-yet-decoded PIL image (e.g. to decode at reduced size)."""
+    return bool(getattr(getattr(transform, "multicrop", transform), "lazy_decode", False))
+
+
+class _EpochStreams(IterableDataset):
+    """One epoch of one rank, from ``start_batch`` on; each DataLoader worker runs one reader stream."""
+
+    def __init__(self, loader: ShardLoader, epoch: int, start_batch: int):
+        self.ld, self.epoch, self.start_batch = loader, epoch, start_batch
+
+    def __iter__(self):
+        ld = self.ld
+        wi = get_worker_info()
+        S = ld.streams
+        phys = wi.id if wi is not None else 0
+        # the rank's next batch (start_batch) must come from worker 0, which the DataLoader asks first
+        s = (phys + self.start_batch) % S
+        if wi is None and S != 1:
+            raise RuntimeError("ShardLoader with workers must run inside a DataLoader")
+        yield from ld.stream_batches_iter(self.epoch, s, consumed_batches(self.start_batch, S, s))
+
+
+class ShardLoader:
+    def __init__(self, shards, transform, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 num_workers: int = 0, *, resampled: bool = False, shuffle: bool = True, shuffle_buffer: int = 1000,
+                 split: str | None = None, prefetch_factor: int = 2):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        self.shardset: ShardSet = resolve_shards(shards, split)
+        self.transform, self.batch_size, self.rank, self.world = transform, batch_size, rank, world_size
+        self.seed, self.num_workers, self.resampled, self.shuffle = seed, num_workers, resampled, shuffle
+        self.shuffle_buffer, self.prefetch_factor = shuffle_buffer if shuffle else 0, prefetch_factor
+        self.streams = max(1, num_workers)
+        total, n = self.shardset.total, len(self.shardset.urls)
+        missing = [u for u in self.shardset.urls if is_local(u) and not os.path.exists(u)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {n} shards do not exist (e.g. {missing[0]})")
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"the shards hold {total} samples: not one batch of {batch_size} for each of "
+                             f"{world_size} ranks")
+        if not resampled and n < world_size * self.streams:
+            raise ValueError(
+                f"{n} shards for {world_size} ranks x {self.streams} reader streams (num_workers={num_workers}): "
+                f"each stream needs a shard of its own. Use fewer workers, or re-shard with a smaller "
+                f"--shard-size (sere-prep), or resampled=True")
+        self._lazy = _lazy_ok(transform)
+        self._position = (0, 0)
+        self._warned = 0
+
+    # ---- interface used by the training loop ---------------------------------------------------------------
+    @property
+    def batches_per_epoch(self) -> int:
+        return batches_per_epoch(self.shardset.total, self.world, self.batch_size)
+
+    def epoch_iter(self, epoch: int, start_batch: int = 0):
+        """Batches ``start_batch .. batches_per_epoch-1`` of ``epoch`` for this rank."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch}]")
+        ds = _EpochStreams(self, epoch, start_batch)
+        if self.num_workers == 0:
+            it = iter(ds)
+        else:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, generator=g,
+                                 prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                 multiprocessing_context="fork"))
+        return self._tracked(it, epoch, start_batch)
+
+    def _tracked(self, it, epoch: int, start_batch: int):
+        self._position = (epoch, start_batch)
+        for k, batch in enumerate(it, start_batch + 1):
+            self._position = (epoch, k)
+            yield batch
+
+    # ---- resume bookkeeping ----------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        return {"version": STATE_VERSION, "seed": self.seed, "world_size": self.world, "rank": self.rank,
+                "batch_size": self.batch_size, "streams": self.streams, "resampled": self.resampled,
+                "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer, "shards": self.shardset.digest()}
+
+    def state_dict(self) -> dict:
+        """Position (epoch, next batch) of the last iterator and the settings exact resume depends on."""
+        epoch, batch = self._position
+        if batch >= self.batches_per_epoch:
+            epoch, batch = epoch + 1, 0
+        return {"epoch": epoch, "batch": batch, **self.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.fingerprint()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError("cannot resume the shard loader exactly, settings differ (saved, now): " +
+                             ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in diff.items()))
+        self._position = (int(state["epoch"]), int(state["batch"]))
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, batch) the next batch would have; ``epoch_iter(*loader.position)`` resumes."""
+        epoch, batch = self._position
+        return (epoch + 1, 0) if batch >= self.batches_per_epoch else (epoch, batch)
+
+    # ---- one reader stream -------------------------------------------------------------------------------------
+    def stream_plan(self, epoch: int, s: int):
+        """(pieces, emission order of positions) of stream ``s`` in ``epoch``."""
+        counts = self.shardset.counts
+        pieces = stream_pieces(counts, self.seed, epoch, self.rank, self.world, self.streams, s, self.batch_size,
+                               self.resampled, self.shuffle)
+        n = stream_batches(self.batches_per_epoch, self.streams, s) * self.batch_size
+        return pieces, stream_order(n, self.shuffle_buffer, self.seed, epoch, self.rank, s)
+
+    def _positions(self, pieces, skip: bytearray):
+        """(position, sample or None) for positions not in ``skip``, in position order; unneeded shards unopened."""
+        at = 0
+        for pc in pieces:
+            base = at
+            at += len(pc)
+            if all(skip[base:at]):
+                continue
+            url = self.shardset.urls[pc.shard]
+            for j, sample in iter_piece(url, pc.lo, pc.hi, lambda j, b=base - pc.lo: not skip[b + j]):
+                yield base + j - pc.lo, (pc, j, sample)
+
+    def stream_batches_iter(self, epoch: int, s: int, consumed: int):
+        B = self.batch_size
+        pieces, order = self.stream_plan(epoch, s)
+        start = consumed * B
+        skip = bytearray(len(order))
+        for p in order[:start]:
+            skip[p] = 1
+        reader = self._positions(pieces, skip)
+        pending: dict[int, tuple] = {}
+        batch = []
+        keep_rng = get_worker_info() is None  # in the main process: leave the caller's RNG state alone
+        for p in order[start:]:
+            while p not in pending:
+                q, item = next(reader)
+                pending[q] = item
+            batch.append(self._make(epoch, *pending.pop(p), keep_rng=keep_rng))
+            if len(batch) == B:
+                yield self._collate(batch)
+                batch = []
+
+    def _collate(self, samples: list) -> dict:
+        out = collate_ssl(samples)
+        out["index"] = torch.tensor([s["index"] for s in samples if s is not None], dtype=torch.long)
+        return out
+
+    def _make(self, epoch: int, pc, j: int, sample, keep_rng: bool = False) -> dict | None:
+        if sample is None:
+            return None
+        gid = self.shardset.offsets[pc.shard] + j
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            return self._corrupt(gid, f"no image member (has {sorted(sample)})")
+        try:
+            label = int(sample["cls"]) if "cls" in sample else -1
+        except ValueError:
+            label = -1
+        states = (random.getstate(), torch.get_rng_state()) if keep_rng else None
+        try:
+            seed_sample(self.seed, epoch, gid if pc.draw < 0 else gid + self.shardset.total * (pc.draw + 1))
+            try:
+                img = Image.open(io.BytesIO(sample[key]))
+                if not self._lazy:
+                    img.load()
+            except DECODE_ERRORS as e:
+                return self._corrupt(gid, e)
+            if self._lazy:
+                try:
+                    out = self.transform(img)
+                except DECODE_ERRORS as e:
+                    return self._corrupt(gid, e)
+            else:
+                out = self.transform(img)
+        finally:
+            if states is not None:
+                random.setstate(states[0])
+                torch.set_rng_state(states[1])
+        out["label"], out["index"] = label, gid
+        return out
+
+    def _corrupt(self, gid: int, why) -> None:
+        if self._warned < 20:
+            self._warned += 1
+            log.warning("skipping sample %d (%s): counted in n_corrupt", gid, why)

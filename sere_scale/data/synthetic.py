@@ -1,0 +1,49 @@
+"""Synthetic batches with the real batch format (random pixels, real crop boxes, flips and iBOT masks): the
+"model alone" side of the profiler, independent of decoding and augmentation."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .masking import MaskGenerator
+from .multicrop import sample_crop
+
+
+def synthetic_batch(cfg, batch_size: int, patch_size: int, seed: int = 0, width: int = 500,
+                    height: int = 375) -> dict:
+    d, il = cfg.data, cfg.image_loss
+    rng_state = random.getstate()
+    random.seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    V = d.n_global + d.n_local
+    sizes = [d.global_size] * d.n_global + [d.local_size] * d.n_local
+    crops = [torch.randn(batch_size, 3, s, s, generator=g) for s in sizes]
+    boxes = torch.zeros(batch_size, V, 4)
+    for b in range(batch_size):
+        for v in range(V):
+            scale = d.global_scale if v < d.n_global else d.local_scale
+            top, left, h, w = sample_crop(width, height, scale)
+            boxes[b, v] = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
+    flips = torch.rand(batch_size, V, generator=g) < 0.5
+    hm = d.global_size // patch_size
+    gen = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect)
+    masks = torch.stack([torch.stack([gen(hm, hm) if il.kind == "ibot" else torch.zeros(hm, hm, dtype=torch.bool)
+                                      for _ in range(d.n_global)]) for _ in range(batch_size)])
+    random.setstate(rng_state)
+    return {"crops": crops, "boxes": boxes, "flips": flips, "masks": masks,
+            "labels": torch.zeros(batch_size, dtype=torch.long), "n_corrupt": 0}
+
+
+class SyntheticLoader:
+    """Endless stream of a few pre-built synthetic batches (no data cost)."""
+
+    def __init__(self, cfg, patch_size: int, n_distinct: int = 2):
+        self.batches = [synthetic_batch(cfg, cfg.data.batch_size, patch_size, seed=i) for i in range(n_distinct)]
+        self.batches_per_epoch = 10**9
+
+    def epoch_iter(self, epoch: int = 0, start_batch: int = 0):
+        i = start_batch
+        while True:
+            yield self.batches[i % len(self.batches)]
+            i += 1

@@ -1,0 +1,186 @@
+"""How much a backbone's self-relations change between two augmented views of the same image.
+
+For every image: two views (``eval/views.py``), the spatial relations of both sampled on their overlap
+region and the channel relations of both (``viz/relations.py``: METHOD.md's definitions on the pre-norm
+features, standardised per channel with statistics over both views of all the images, the teacher's
+temperatures), and the mean over rows of the total-variation distance between matching rows
+(``0.5·Σ_j |A1_ij − A2_ij|``: symmetric, in [0, 1], 0 for identical relations). ``spatial`` averages over
+images whose views overlap, heads and rows; ``channel`` over images and rows. Lower = more invariant.
+
+Sharper relations differ more for the same mismatch, so the result also holds a scale-free reference:
+``*_unrelated``, the same distance between view 1 of each image and view 2 of the next image of the set, and
+``*_ratio`` = related / unrelated (< 1: the views of one image agree more than those of two images).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import weakref
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..data.folder import IMG_EXT, load_rgb
+from ..viz.relations import ChannelStats, row_tv, two_view_relations, view_tokens
+from .views import make_views, parse_strength, view_maker
+
+log = logging.getLogger("sere_scale")
+
+
+def list_images(root: str | Path, limit: Optional[int] = None) -> list[str]:
+    """Image files under ``root`` (recursively, sorted); the first ``limit`` of an evenly strided pass when
+    ``limit`` is smaller than their number (every class of a class-sorted folder is represented)."""
+    root = Path(root)
+    if root.is_file():
+        return [str(root)]
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder '{root}' does not exist")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                   if Path(f).suffix.lower() in IMG_EXT)
+    if not files:
+        raise ValueError(f"no images under '{root}'")
+    if limit is not None and 0 < limit < len(files):
+        step = len(files) / limit
+        files = [files[int(i * step)] for i in range(limit)]
+    return files
+
+
+def relation_settings(cfg, backbone) -> dict:
+    """Relation heads, temperatures and overlap grid size a config implies (the teacher's temperatures: the
+    relations the student is trained to match)."""
+    return {"heads": cfg.sere.heads or backbone.num_heads, "tau_p": cfg.sere.tau_p, "tau_c": cfg.sere.tau_c,
+            "size": cfg.sere.spatial_size_global}
+
+
+def _view_batches(images: list[str], maker, seed: int, batch_size: int, device):
+    """(crops pair, boxes, flips) batches of the two views of every readable image, in order."""
+    for i in range(0, len(images), batch_size):
+        views = []
+        for j, path in enumerate(images[i:i + batch_size]):
+            img = load_rgb(path)
+            if img is not None:
+                views.append(make_views(maker, img, seed, i + j))
+        if views:
+            yield (tuple(torch.stack([v["crops"][k] for v in views]).to(device) for k in range(2)),
+                   torch.stack([v["boxes"] for v in views]).to(device),
+                   torch.stack([v["flips"] for v in views]).to(device))
+
+
+@torch.no_grad()
+def measure_invariance(backbone, images: list[str], cfg, strength="train", image_size: Optional[int] = None,
+                       batch_size: int = 32, seed: int = 0, standardize: bool = True,
+                       device: str | torch.device = "cpu", per_image: bool = False) -> dict:
+    """Mean total-variation distance between the two views' spatial and channel relations (see module doc)."""
+    strength = parse_strength(strength)
+    size = int(image_size or cfg.data.global_size)
+    rs = relation_settings(cfg, backbone)
+    maker = view_maker(cfg, size, strength)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        stats = None
+        if standardize:  # pass 1: per-channel statistics over both views of every image
+            acc = ChannelStats()
+            for crops, _, _ in _view_batches(images, maker, seed, batch_size, device):
+                t1, t2, _ = view_tokens(backbone, crops)
+                acc.update(torch.cat([t1, t2]))
+            if acc.n == 0:
+                raise ValueError("no readable images to measure invariance on")
+            stats = acc.mean_std()
+        sp_img, ch_img, valid_img, sp_heads = [], [], [], []
+        last, sp_x, ch_x = None, [], []
+        for crops, boxes, flips in _view_batches(images, maker, seed, batch_size, device):
+            r = two_view_relations(backbone, crops, boxes, flips, rs["size"], rs["heads"], rs["tau_p"],
+                                   rs["tau_c"], standardize, stats)
+            sp = row_tv(r["spatial"][0], r["spatial"][1]).mean(dim=-1).double().cpu()  # (B, M)
+            sp_heads.append(sp)
+            sp_img += sp.mean(dim=1).tolist()
+            ch_img += row_tv(r["channel"][0], r["channel"][1]).mean(dim=-1).double().cpu().tolist()
+            valid_img += r["valid"].cpu().tolist()
+            # unrelated pairs: view 1 of image k against view 2 of image k + 1 (across batch borders too)
+            x = (r["spatial"][0], r["channel"][0], r["valid"])
+            y = (r["spatial"][1], r["channel"][1], r["valid"])
+            if last is None:
+                x_k, y_k = tuple(t[:-1] for t in x), tuple(t[1:] for t in y)
+            else:
+                x_k, y_k = tuple(torch.cat([a, t[:-1]]) for a, t in zip(last, x)), y
+            last = tuple(t[-1:] for t in x)
+            ok = (x_k[2] & y_k[2]).cpu()
+            sp_x += row_tv(x_k[0], y_k[0]).mean(dim=(1, 2)).double().cpu()[ok].tolist()
+            ch_x += row_tv(x_k[1], y_k[1]).mean(dim=1).double().cpu().tolist()
+    finally:
+        backbone.train(was_training)
+    n = len(ch_img)
+    if n == 0:
+        raise ValueError("no readable images to measure invariance on")
+    valid = torch.tensor(valid_img)
+    heads = torch.cat(sp_heads)[valid]
+    n_valid = int(valid.sum())
+    per_head = heads.mean(dim=0).tolist() if n_valid else [float("nan")] * rs["heads"]
+    res = {"spatial": float(heads.mean()) if n_valid else float("nan"), "channel": sum(ch_img) / n}
+    res["spatial_unrelated"] = sum(sp_x) / len(sp_x) if sp_x else float("nan")
+    res["channel_unrelated"] = sum(ch_x) / len(ch_x) if ch_x else float("nan")
+    res["spatial_ratio"] = res["spatial"] / res["spatial_unrelated"] if sp_x else float("nan")
+    res["channel_ratio"] = res["channel"] / res["channel_unrelated"] if ch_x else float("nan")
+    res.update({"spatial_per_head": per_head, "n_images": n, "overlap_frac": n_valid / n,
+                "strength": strength, "image_size": size, "standardize": standardize,
+                "measure": "mean row total-variation distance", **rs})
+    if per_image:
+        res["spatial_per_image"] = [v if ok else None for v, ok in zip(sp_img, valid_img)]
+        res["channel_per_image"] = ch_img
+    return res
+
+
+def invariance_main(args) -> int:
+    from ..models.source import load_backbone
+    cfg, backbone = load_backbone(args.checkpoint, args.timm_file, args.arch, args.random_init)
+    if args.heads:
+        cfg.sere.heads = args.heads
+    if args.relation_size:
+        cfg.sere.spatial_size_global = args.relation_size
+    images = list_images(args.data, args.max_images)
+    res = measure_invariance(backbone, images, cfg, args.strength, args.size, args.batch_size, args.seed,
+                             not args.no_standardize)
+    res["checkpoint"] = str(args.checkpoint or args.timm_file)
+    text = json.dumps(res)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+_HOOK_BACKBONES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def invariance_during_training(cfg, engine, step: int, info) -> dict:
+    """The training loop's hook (``eval.invariance_every`` > 0): at the first logged step at or after each
+    multiple of ``invariance_every``, measure the teacher backbone's invariance on ``eval.invariance_images``
+    images of ``eval.invariance_data`` (default ``eval.val_path``) and return ``invariance_*`` metrics
+    (rank 0; other ranks get {}). Every rank must call it: gathering the teacher's weights may be
+    collective. The model's random streams are left untouched."""
+    e = cfg.eval
+    if e.invariance_every <= 0 or step % e.invariance_every >= cfg.train.log_every:
+        return {}
+    state = engine.teacher_state_dict()
+    if not info.is_main:
+        return {}
+    root = e.invariance_data or e.val_path
+    if not root:
+        log.warning("eval.invariance_every is set but neither eval.invariance_data nor eval.val_path is")
+        return {}
+    with torch.random.fork_rng(devices=[]):
+        backbone = _HOOK_BACKBONES.get(engine)
+        if backbone is None:
+            from ..models.backbone import ViTBackbone, create_vit
+            backbone = ViTBackbone(create_vit(cfg.model, cfg.data.global_size, 0.0),
+                                   mask_token=cfg.image_loss.kind == "ibot").to(info.device)
+            _HOOK_BACKBONES[engine] = backbone
+        prefix = "backbone."
+        sd = {k.split(prefix, 1)[1]: v for k, v in state.items() if prefix in k}
+        backbone.load_state_dict(sd)
+        res = measure_invariance(backbone, list_images(root, e.invariance_images), cfg, "train",
+                                 batch_size=cfg.data.batch_size, seed=cfg.train.seed, device=info.device)
+    return {f"invariance_{k}": res[k] for k in ("spatial", "channel", "spatial_ratio", "channel_ratio")}

@@ -1,0 +1,1 @@
+"""Throughput profiling: step breakdown, FLOPs and MFU, memory, traces, sweeps (``sere-scale profile``)."""

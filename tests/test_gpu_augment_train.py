@@ -1,0 +1,104 @@
+"""data.augment=gpu end to end on the CPU: encoded folder batches, device augmentation in the training loop,
+exact resume, corrupt files counted."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sere_scale.config import ConfigError
+from sere_scale.data.encoded import DeviceAugment, split_encoded
+from sere_scale.data.loader import build_train_loader
+from sere_scale.metrics import read_metrics
+from sere_scale.train import train
+from tests.test_train import _crash_after
+from tests.tiny import tiny_config
+
+
+@pytest.fixture(scope="module")
+def jpeg_data(tmp_path_factory, digits_root):
+    """3 classes × 12 digits as JPEG, one PNG kept (goes through the fallback)."""
+    root = tmp_path_factory.mktemp("jpeg")
+    for c in sorted((digits_root / "train").iterdir())[:3]:
+        (root / c.name).mkdir()
+        for i, f in enumerate(sorted(c.iterdir())[:12]):
+            if c.name.endswith("0") and i == 0:
+                shutil.copy(f, root / c.name / f.name)
+            else:
+                Image.open(f).convert("RGB").save(root / c.name / (f.stem + ".jpg"), quality=90)
+    return root
+
+
+def test_encoded_batches_and_device_augment(tmp_path, jpeg_data):
+    cfg = tiny_config(tmp_path, jpeg_data, "data.augment=gpu", "data.batch_size=6")
+    loader = build_train_loader(cfg)
+    batch = next(loader.epoch_iter(0, 0))
+    assert set(batch) >= {"encoded", "encoded_sizes", "masks", "labels", "n_corrupt"} and "crops" not in batch
+    images = split_encoded(batch)
+    files = [p for p, _ in loader.dataset.items]
+    order = batch["index"].tolist()
+    assert len(images) == 6 and all(im.dtype == torch.uint8 for im in images)
+    assert all(im.numpy().tobytes() == Path(files[i]).read_bytes() for im, i in zip(images, order))
+    assert batch["masks"].shape == (6, 2, 4, 4)  # 32 px globals, patch 8
+    aug = DeviceAugment.from_config(cfg, torch.device("cpu"))
+    out = aug(batch, 0, 0)
+    assert [c.shape for c in out["crops"]] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 2
+    assert out["boxes"].shape == (6, 4, 4) and out["flips"].shape == (6, 4) and "encoded" not in out
+    listed = aug(dict(batch, encoded=images), 0, 0)  # a list of tensors is accepted too
+    assert all(torch.equal(a, b) for a, b in zip(out["crops"], listed["crops"]))
+    assert torch.equal(out["labels"], batch["labels"]) and out["n_corrupt"] == 0
+    again = aug(next(loader.epoch_iter(0, 0)), 0, 0)  # (epoch, batch) fixes the crops
+    assert all(torch.equal(a, b) for a, b in zip(out["crops"], again["crops"]))
+    other = aug(batch, 0, 1)
+    assert not torch.equal(out["boxes"], other["boxes"])
+    rank1 = DeviceAugment.from_config(cfg, torch.device("cpu"), rank=1)(batch, 0, 0)
+    assert not torch.equal(out["boxes"], rank1["boxes"])  # ranks draw independent augmentations
+
+
+def test_training_with_gpu_augment_resumes_exactly(tmp_path, jpeg_data, monkeypatch):
+    extra = ["train.max_steps=5", "data.batch_size=4", "data.augment=gpu"]
+    calls = []
+    orig = DeviceAugment.__call__
+
+    def spy(self, batch, epoch, index):
+        calls.append((epoch, index))
+        out = orig(self, batch, epoch, index)
+        calls[-1] += (self.multicrop.stats.device, self.multicrop.stats.fallback)
+        return out
+    with monkeypatch.context() as m:
+        m.setattr(DeviceAugment, "__call__", spy)
+        ref = train(tiny_config(tmp_path / "ref", jpeg_data, *extra))
+    assert ref["step"] == 5 and [c[:2] for c in calls] == [(0, i) for i in range(5)]
+    assert calls[-1][2] >= 19 and calls[-1][3] <= 1  # JPEGs on the batched decoder; the PNG (if drawn) via PIL
+    run = tmp_path / "crash"
+    with monkeypatch.context() as m:
+        _crash_after(m, 4)  # dies in step 5; checkpoint at step 3 (tiny: every 3 steps)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(run, jpeg_data, *extra))
+    train(tiny_config(run, jpeg_data, *extra), resume=True)
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(run)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # steps 4 and 5 from the resumed run
+    for ra, rb in zip(a, b):
+        for k in ("loss", "loss_image", "loss_spatial", "loss_channel", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+
+
+def test_corrupt_files_counted_with_gpu_augment(tmp_path, jpeg_data):
+    data = tmp_path / "data"
+    shutil.copytree(jpeg_data, data)
+    first = min(data.iterdir())
+    (first / "zero.jpg").write_bytes(b"")
+    good = min(first.glob("*.jpg")).read_bytes()
+    (first / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (first / "garbage.png").write_bytes(b"not an image at all" * 10)
+    cfg = tiny_config(tmp_path / "run", data, "data.batch_size=13", "train.max_steps=3", "train.log_every=3",
+                      "data.augment=gpu")
+    train(cfg)
+    assert read_metrics(tmp_path / "run")[-1]["n_corrupt"] == 3
+
+
+def test_gpu_augment_with_shards_is_a_config_error(tmp_path):
+    cfg = tiny_config(tmp_path, "", "data.augment=gpu", "data.shards=x-{000..001}.tar")
+    with pytest.raises(ConfigError, match="data.augment"):
+        build_train_loader(cfg)
