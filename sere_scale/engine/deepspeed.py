@@ -339,9 +339,13 @@ class DeepSpeedEngine(Engine):
                  "shapes": [tuple(t.ds_shape) for _, t in self._pairs],
                  "partitions": [x.detach().float().cpu().clone() for x in self._t32]}
         if self.info.is_main:
-            shard["buffers"] = {n: b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
-                                for n, b in self.teacher_module.named_buffers()}
+            shard["buffers"] = self._teacher_buffers()
         return shard
+
+    def _teacher_buffers(self) -> dict:
+        """The teacher's state-dict entries that are not parameters (BatchNorm statistics), on CPU."""
+        params = {n for n, _ in self.teacher_module.named_parameters()}
+        return {k: v.detach().cpu().clone() for k, v in self.teacher_module.state_dict().items() if k not in params}
 
     def save(self, ckpt_dir, train_state):
         self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={}, save_latest=False)
@@ -375,8 +379,9 @@ class DeepSpeedEngine(Engine):
             buffers = shard.get("buffers")
             if buffers is None:
                 buffers = torch.load(os.path.join(ckpt_dir, "teacher_rank00000.pt"), weights_only=False)["buffers"]
-            for n, b in self.teacher_module.named_buffers():
-                b.copy_(buffers[n])
+            own = dict(self.teacher_module.named_buffers())
+            for n, b in buffers.items():
+                own[n].copy_(b)
         else:
             sd = torch.load(os.path.join(ckpt_dir, TEACHER_FILE), map_location=self.device, weights_only=False)
             self.teacher_module.load_state_dict(sd)
@@ -394,8 +399,7 @@ class DeepSpeedEngine(Engine):
             full = torch.empty(t32.numel() * self.world, dtype=torch.float32, device=t32.device)
             _all_gather_flat(full, t32.contiguous())
             out[n] = full[: t.ds_numel].view(t.ds_shape).cpu()
-        for n, b in self.teacher_module.named_buffers():
-            out[n] = b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
+        out.update(self._teacher_buffers())
         return out
 
 
