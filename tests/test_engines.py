@@ -150,6 +150,12 @@ def one_rank(tmp_path_factory, data48, two_rank):
     src, _ = two_rank
     jobs = [{"name": n, "overrides": overrides(tmp / n, data48, n, *SHORT), "ema": 0.75}
             for n in ("fsdp", "zero1", "zero2", "zero3")]
+    # train.nonfinite=skip: the 2nd micro-batch of step 2 (accumulation 2) or the loss of step 3 is NaN
+    skip = ["train.nonfinite=skip"]
+    for n, extra, nan_at in (("ddp", [], 4), ("fsdp", [], 4), ("ddp", ["train.grad_accum=1"], 3),
+                             ("zero2", ["train.grad_accum=1"], 3), ("zero3", ["train.grad_accum=1"], 3)):
+        key = f"skip_{n}_accum{2 if not extra else 1}"
+        jobs.append({"name": key, "overrides": overrides(tmp / key, data48, n, *skip, *extra), "nan_at": nan_at})
     jobs.append({"name": "fsdp_from_2", "reload": str(src / "fsdp"),
                  "overrides": overrides(tmp / "fsdp_from_2", data48, "fsdp", "train.epochs=3",
                                         "train.max_steps=8")})
@@ -162,6 +168,19 @@ def test_sharded_ema_is_bitwise_the_ema_of_gathered_fp32_weights_at_1_rank(one_r
     assert rep["world"] == 1
     e = rep[name]["ema"]
     assert e["bitwise_equal"] and e["student_teacher_gap"] > 1e-4, e
+
+
+def test_a_skipped_nonfinite_step_leaves_the_same_state_as_under_ddp(one_rank):
+    tmp, _ = one_rank
+    for ref, other, skipped in (("skip_ddp_accum2", "skip_fsdp_accum2", 2), ("skip_ddp_accum1", "skip_zero2_accum1", 3),
+                                ("skip_ddp_accum1", "skip_zero3_accum1", 3)):
+        a, b = read_metrics(tmp / ref), read_metrics(tmp / other)
+        logged = [s for s in range(1, 7) if s != skipped]
+        assert [r["step"] for r in a] == logged and [r["step"] for r in b] == logged, (other, b)
+        assert a[-1]["n_skipped"] == b[-1]["n_skipped"] == 1
+        for ra, rb in zip(a, b):
+            for k in CURVE_KEYS:
+                assert rb[k] == pytest.approx(ra[k], rel=2e-5, abs=1e-7), (other, ra["step"], k, ra[k], rb[k])
 
 
 def test_fsdp_checkpoint_of_2_ranks_resumes_at_1_rank(one_rank):

@@ -67,11 +67,11 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
     from ..config import ConfigError
     z = cfg.engine.zero_stage
     zero = {"stage": z, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available(),
-            "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+            "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
     if z == 3:
         # partition every parameter (small ones too): identical student/teacher partitions, 1/N memory
         zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0,
-                    stage3_prefetch_bucket_size=5e7)
+                    stage3_prefetch_bucket_size=50_000_000)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -217,6 +217,7 @@ class DeepSpeedEngine(Engine):
         self.ds_config = deepspeed_config(cfg, self.world, self.precision)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
         self.lowp = _LOWP.get(self.precision)
+        self._pending, self._warned_pending = False, False
         student.to(self.device)
         teacher.to(self.device)
         method.to(self.device)
@@ -269,8 +270,15 @@ class DeepSpeedEngine(Engine):
 
     def backward(self, loss):
         self.ds.backward(loss, scale_wrt_gas=False)  # the loop already divides by train.grad_accum
+        self._pending = True
 
     def zero_grad(self):
+        if self._pending and not self._warned_pending:
+            # DeepSpeed keeps reduced micro-batch gradients in its partition buffers until its step
+            log.warning("deepspeed: a step was dropped after some of its micro-batches ran backward; DeepSpeed "
+                        "cannot discard their reduced gradients, which join the next step (use "
+                        "train.grad_accum=1 or train.nonfinite=stop for exact skips)")
+            self._warned_pending = True
         self.ds.zero_grad()
         if hasattr(self.ds.optimizer, "zero_grad"):
             self.ds.optimizer.zero_grad()
@@ -309,6 +317,7 @@ class DeepSpeedEngine(Engine):
             for g in last_groups:
                 g["lr"], g["weight_decay"] = 0.0, 0.0
         self.ds.step()
+        self._pending = False
         if freeze_last_layer:
             # no update happened; forget the step count too (a never-stepped parameter has none)
             for st in self._last_layer_states():

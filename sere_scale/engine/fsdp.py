@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..distributed import ranks_per_node
@@ -180,6 +180,16 @@ class FSDPEngine(Engine):
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
+        # A skipped (non-finite) step may leave gradients of earlier no-sync micro-steps accumulated on the
+        # unsharded parameters, out of the optimizer's reach: drop them too (FSDP2 has no public call for it).
+        for m in self.student_module.modules():
+            if isinstance(m, FSDPModule):
+                group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+                for fp in (group.fsdp_params if group is not None else []):
+                    fp.unsharded_accumulated_grad = None
+                    unsharded = getattr(fp, "_unsharded_param", None)
+                    if unsharded is not None:
+                        unsharded.grad = None
 
     def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
         if freeze_last_layer:

@@ -8,7 +8,8 @@ training run of some backend followed by checks against independent references. 
        ``safe_get_full_fp32_param`` / ``GatheredParameters``),
   ema (momentum: after training, check shard-local EMA == EMA of the gathered fp32 parameters, bitwise),
   reload (a run folder written at another world size: rebuild the engine, load its latest checkpoint and
-          compare the full state with that run's ref.pt bitwise) — then train as usual (resume from a copy).
+          compare the full state with that run's ref.pt bitwise) — then train as usual (resume from a copy),
+  nan_at (the loss of that forward call, counted from 1, is made NaN: with train.nonfinite=skip).
 """
 import json
 import shutil
@@ -156,7 +157,22 @@ def main():
                 shutil.copytree(src, cfg.output_dir)
             dist.barrier()
             del eng, student, teacher, method
-        out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload")), info=info)
+        restore = None
+        if job.get("nan_at"):  # the loss of the nan_at-th forward call (counted from 1) becomes NaN
+            restore, calls = SEREMethod.forward, {"n": 0}
+
+            def forward(self, *a, _orig=restore, _n=int(job["nan_at"]), **k):
+                out = _orig(self, *a, **k)
+                calls["n"] += 1
+                if calls["n"] == _n:
+                    out["loss"] = out["loss"] * float("nan")
+                return out
+            SEREMethod.forward = forward
+        try:
+            out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload")), info=info)
+        finally:
+            if restore is not None:
+                SEREMethod.forward = restore
         eng = out["engine"]
         rec["step"] = out["step"]
         rec["exit"] = out["exit"]
