@@ -45,7 +45,8 @@ class _Bytes:
             if t.numel() == 0:
                 continue
             start = t.storage_offset() * t.element_size()
-            self.spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + t.numel() * t.element_size()))
+            span = (start, start + t.numel() * t.element_size())
+            self.spans.setdefault(t.untyped_storage().data_ptr(), []).append(span)
         return self.total() - before
 
     def total(self) -> int:
