@@ -38,11 +38,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    # the variables torchrun would have set, for libraries that read them (DeepSpeed asserts LOCAL_RANK) when
-    # the ranks came from srun or from nothing (one process)
-    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local),
-                        ("LOCAL_WORLD_SIZE", ranks_per_node(world))):
-        os.environ.setdefault(name, str(value))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     # srun with one GPU bound per task shows each task a single device: index by what is visible
     dev = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")

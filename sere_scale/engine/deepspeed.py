@@ -34,9 +34,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..distributed import ranks_per_node
 from ..models.load import TEACHER_READERS
 from .base import Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, rng_state, set_rng_state
-from .params import param_groups
+from .params import is_last_layer, param_groups
 
 log = logging.getLogger("sere_scale")
 
@@ -193,6 +194,25 @@ def _zero_grads_stage12(p) -> None:
         m.get_lp_grad_fragment(p._index_in_param_group).zero_()
 
 
+def parallelize(student, teacher, cfg, ds_config: dict):
+    """Activation checkpointing → compile per block → ZeRO: ``deepspeed.initialize`` of the student with our
+    AdamW (the last layer in its own group); under ZeRO-3 also of the teacher (parameters only, partitioned
+    exactly like the student's). Returns (student engine, teacher engine or None)."""
+    import deepspeed
+    apply_ac_and_compile(student, cfg.model.checkpoint_activations, cfg.engine.compile)
+    apply_ac_and_compile(teacher, False, cfg.engine.compile)
+    opt = torch.optim.AdamW(param_groups(student, split_last_layer=True), lr=0.0, betas=cfg.optim.betas)
+    ds = deepspeed.initialize(model=student, optimizer=opt, config=ds_config, dist_init_required=False)[0]
+    if int(ds_config["zero_optimization"]["stage"]) != 3:
+        return ds, None
+    tcfg = copy.deepcopy(ds_config)
+    tcfg.pop("gradient_clipping", None)
+    tz = {k: v for k, v in tcfg["zero_optimization"].items() if k != "offload_optimizer"}
+    tz.update(stage=3, stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
+    tcfg["zero_optimization"] = tz
+    return ds, deepspeed.initialize(model=teacher, config=tcfg, dist_init_required=False)[0]
+
+
 def _fp32_buffers(module) -> None:
     """DeepSpeed's bf16/fp16 mode casts buffers too: keep BatchNorm running statistics in fp32."""
     for m in module.modules():
@@ -208,6 +228,11 @@ class DeepSpeedEngine(Engine):
         super().__init__(cfg, student, teacher, method, info)
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # what torchrun would have set, when the ranks came from srun or from nothing (one process): DeepSpeed
+        # asserts LOCAL_RANK
+        for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
+                            ("LOCAL_WORLD_SIZE", ranks_per_node(info.world_size))):
+            os.environ.setdefault(name, str(value))
         import deepspeed
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         ensure_process_group(info)
@@ -221,24 +246,15 @@ class DeepSpeedEngine(Engine):
         student.to(self.device)
         teacher.to(self.device)
         method.to(self.device)
-        # parallelize: activation checkpointing → compile per block → ZeRO (deepspeed.initialize)
-        apply_ac_and_compile(student, cfg.model.checkpoint_activations, cfg.engine.compile)
-        apply_ac_and_compile(teacher, False, cfg.engine.compile)
-        opt = torch.optim.AdamW(param_groups(student, split_last_layer=True), lr=0.0, betas=cfg.optim.betas)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=opt, config=self.ds_config,
-                                                             dist_init_required=False)
+        self.ds, teacher_ds = parallelize(student, teacher, cfg, self.ds_config)
+        self.optimizer = self.ds.optimizer
         self.student_module = self.ds.module
         _fp32_buffers(self.ds.module)
         self.student = _CastInputs(self.ds, self.lowp)
-        self._last = [p for n, p in self.ds.module.named_parameters() if "image_head.last_layer" in n]
-        names = [n for n, _ in teacher.named_parameters()]
+        self._last = [p for n, p in self.ds.module.named_parameters() if is_last_layer(n)]
+        n_teacher = len(list(teacher.named_parameters()))
         if self.stage == 3:
-            tcfg = copy.deepcopy(self.ds_config)
-            tcfg.pop("gradient_clipping", None)
-            tz = {k: v for k, v in tcfg["zero_optimization"].items() if k != "offload_optimizer"}
-            tz.update(stage=3, stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
-            tcfg["zero_optimization"] = tz
-            self.teacher_ds = deepspeed.initialize(model=teacher, config=tcfg, dist_init_required=False)[0]
+            self.teacher_ds = teacher_ds
             self.teacher_module = self.teacher_ds.module
             _fp32_buffers(self.teacher_module)
             self.teacher = _CastInputs(self.teacher_ds, self.lowp)
@@ -258,7 +274,8 @@ class DeepSpeedEngine(Engine):
             sp = dict(self.ds.module.named_parameters())
             self._pairs = [(sp[n], p) for n, p in teacher.named_parameters() if n in sp]
             self._frag = _FragmentEMA(self._pairs)
-        assert len(self._pairs) == len(names)
+        if len(self._pairs) != n_teacher:
+            raise RuntimeError("the teacher's parameters do not match the student's")
 
     # ------------------------------------------------------------------ training
     def autocast(self):
