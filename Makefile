@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check sere_scale data_prep tests benchmarks
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
