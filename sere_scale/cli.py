@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .config import ConfigError
@@ -24,12 +25,32 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Remove ``--local_rank=N`` / ``--local-rank N`` wherever a launcher put it (the ``deepspeed`` launcher
+    inserts it before our arguments; ``torch.distributed.launch`` too). The rank is taken from the environment
+    (``LOCAL_RANK``), which is set from the argument when the launcher did not set it."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 2
+            continue
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+            i += 1
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sere-scale", description="SERE self-supervised ViT pretraining")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for mod in COMMANDS:
         importlib.import_module(mod).add_parser(sub)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(strip_local_rank(sys.argv[1:] if argv is None else list(argv)))
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

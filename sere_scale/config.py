@@ -123,9 +123,10 @@ class CheckpointConfig:
 @dataclass
 class EngineConfig:
     backend: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    zero_stage: int = 2
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
     fsdp_strategy: Literal["full", "grad_op", "hybrid"] = "full"
-    compile: bool = False
+    fsdp_node_size: int = 0  # hybrid: ranks per shard group (one node); 0 = ranks per node from the launcher
+    compile: bool = False  # torch.compile each transformer block (GPU runs; first call is slow)
     deepspeed_config: str = ""  # a user JSON merged on top of the generated one
 
 
@@ -302,6 +303,7 @@ def validate(cfg: Config) -> Config:
     req(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     req(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     req(cfg.engine.zero_stage in (1, 2, 3), "engine.zero_stage", "must be 1, 2 or 3")
+    req(cfg.engine.fsdp_node_size >= 0, "engine.fsdp_node_size", "must be >= 0 (0: ranks per node)")
     req(cfg.sere.spatial_size_global >= 1, "sere.spatial_size_global", "must be >= 1")
     req(cfg.sere.spatial_size_local >= 1, "sere.spatial_size_local", "must be >= 1")
     lo, hi = cfg.image_loss.mask_ratio

@@ -39,7 +39,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    # srun with one GPU bound per task shows each task a single device: index by what is visible
+    dev = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -48,6 +49,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank, world, local, dev)
+
+
+def ranks_per_node(default: int) -> int:
+    """Processes on this node, from the launcher: torchrun/accelerate (``LOCAL_WORLD_SIZE``), the deepspeed
+    launcher (``LOCAL_SIZE``), srun (``SLURM_NTASKS_PER_NODE``, e.g. ``8`` or ``8(x2)``)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        v = os.environ.get(name, "")
+        digits = v.split("(")[0].split(",")[0]
+        if digits.isdigit():
+            return int(digits)
+    return default
 
 
 def barrier() -> None:

@@ -16,8 +16,8 @@ class MetricsLogger:
             return
         if resume_step is not None and self.path.exists():
             # drop lines logged after the checkpoint we resume from: the resumed run logs them again
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if (rec := _parse(ln)) is not None and rec.get("step", 0) <= resume_step]
             self.path.write_text("".join(k + "\n" for k in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -42,6 +42,16 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _parse(line: str) -> Optional[dict]:
+    """One record, or None for a blank line or one torn by a killed process."""
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    return [r for ln in p.read_text().splitlines() if (r := _parse(ln)) is not None] if p.exists() else []

@@ -25,6 +25,9 @@ log = logging.getLogger("sere_scale")
 
 EXIT_NONFINITE = 3
 EXIT_REQUEUE = 124  # exit code after a preemption checkpoint (slurm/ templates requeue on it)
+# Written (rank 0) next to the checkpoints after a preemption checkpoint, for launchers that do not pass the
+# workers' exit code on (torchrun exits 1 whenever a worker exits non-zero): slurm/ templates requeue on it.
+REQUEUE_MARKER = "REQUEUE"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -112,6 +115,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
     # Models are built from the same seed on every rank (identical initial weights), then each rank gets
     # its own random stream (drop-path).
     torch.manual_seed(cfg.train.seed)
@@ -266,6 +270,8 @@ def main_train(cfg: Config, resume: bool) -> int:
         return EXIT_NONFINITE
     cleanup()
     if result["exit"] == "preempted":
+        if info.is_main:
+            (Path(cfg.output_dir) / REQUEUE_MARKER).write_text(f"{result['step']}\n")
         log.warning("preempted at step %d: checkpoint written, exiting with %d for requeue", result["step"],
                     EXIT_REQUEUE)
         return EXIT_REQUEUE

@@ -15,6 +15,68 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def ensure_process_group(info) -> None:
+    """Sharded engines need a process group even in a single process: make a one-rank group (no port)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    if info.world_size > 1:
+        raise RuntimeError("a multi-rank run without a process group: launch under torchrun, deepspeed, "
+                           "accelerate or srun (see docs/LAUNCH.md)")
+    backend = "nccl" if info.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+# Elements per EMA chunk: bounds the temporary buffer of ``ema_`` (64 MiB of fp32).
+_EMA_CHUNK = 1 << 24
+
+
+@torch.no_grad()
+def ema_(teacher: list, student: list, momentum: float) -> None:
+    """``teacher ← momentum·teacher + (1 − momentum)·student`` on lists of fp32 tensors, in place.
+
+    Two separately rounded products and one rounded sum (never a fused multiply-add), so the value of an
+    element does not depend on where it sits in its tensor: the EMA of a shard is bitwise the shard of the EMA
+    of the full tensor. Every engine applies it to the pieces it holds (full tensors, FSDP2 local shards,
+    ZeRO partitions)."""
+    for t, s in zip(teacher, student):
+        if t.dtype != torch.float32 or s.dtype != torch.float32:
+            raise TypeError(f"EMA runs in fp32; got teacher {t.dtype}, student {s.dtype}")
+        if t.shape != s.shape:
+            raise ValueError(f"EMA pieces differ in shape: teacher {tuple(t.shape)}, student {tuple(s.shape)}")
+    i = 0
+    while i < len(teacher):
+        j, n = i, 0
+        while j < len(teacher) and (n == 0 or n + teacher[j].numel() <= _EMA_CHUNK):
+            n += teacher[j].numel()
+            j += 1
+        t, s = list(teacher[i:j]), [x.detach() for x in student[i:j]]
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, torch._foreach_mul(s, 1.0 - momentum))
+        i = j
+
+
+def cast_floating(x, dtype: torch.dtype):
+    """``x`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``."""
+    if torch.is_tensor(x):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(cast_floating(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: cast_floating(v, dtype) for k, v in x.items()}
+    return x
+
+
+def apply_ac_and_compile(net, ac: bool, compile_blocks: bool) -> None:
+    """The first two steps of every backend's ``parallelize`` (torchtitan order: activation checkpointing →
+    compile → wrapping/sharding): per-block activation checkpointing (the backbone's own flag), then
+    ``torch.compile`` of each transformer block in place (parameter names unchanged)."""
+    net.backbone.checkpoint_activations = bool(ac)
+    if compile_blocks:
+        for blk in net.backbone.vit.blocks:
+            blk.compile()
+
+
 def rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .base import Engine, rng_state, set_rng_state
+from .base import Engine, apply_ac_and_compile, ema_, rng_state, set_rng_state
 from .params import last_layer_params, param_groups
 
 
@@ -19,10 +19,8 @@ class DDPEngine(Engine):
         student.to(self.device)
         teacher.to(self.device)
         method.to(self.device)
-        self.student = student
-        if info.distributed:
-            self.student = DDP(student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                               broadcast_buffers=False)
+        self.student = self.parallelize(student, cfg, info)
+        apply_ac_and_compile(teacher, False, cfg.engine.compile)
         self.teacher = teacher
         o = cfg.optim
         fused = self.device.type == "cuda"
@@ -30,6 +28,15 @@ class DDPEngine(Engine):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.precision == "fp16"))
         self._last = last_layer_params(student)
         self._pairs = self._ema_pairs(student, teacher)
+
+    @staticmethod
+    def parallelize(student, cfg, info):
+        """Activation checkpointing → compile per block → DDP (when distributed)."""
+        apply_ac_and_compile(student, cfg.model.checkpoint_activations, cfg.engine.compile)
+        if not info.distributed:
+            return student
+        dev = info.device
+        return DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
     @staticmethod
     def _ema_pairs(student, teacher):
@@ -63,10 +70,7 @@ class DDPEngine(Engine):
 
     @torch.no_grad()
     def ema_update(self, momentum):
-        s = [a.detach() for a, _ in self._pairs]
-        t = [b for _, b in self._pairs]
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        ema_([b for _, b in self._pairs], [a for a, _ in self._pairs], momentum)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, ckpt_dir, train_state):

@@ -9,15 +9,31 @@ def is_regularized(name: str, p) -> bool:
     return not (name.endswith(".bias") or p.ndim <= 1)
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    reg, noreg = [], []
+def is_last_layer(name: str) -> bool:
+    return "image_head.last_layer" in name
+
+
+def param_groups(model: nn.Module, split_last_layer: bool = False) -> list[dict]:
+    """Decayed and non-decayed groups (``apply_wd``). With ``split_last_layer`` the image head's last layer gets
+    its own group (``last_layer: True``), for engines that cannot drop its gradients while it is frozen
+    (DeepSpeed: its groups are flattened buffers); empty groups are then left out."""
+    reg, noreg, last = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (reg if is_regularized(name, p) else noreg).append(p)
-    return [{"params": reg, "apply_wd": True}, {"params": noreg, "apply_wd": False, "weight_decay": 0.0}]
+        if split_last_layer and is_last_layer(name):
+            last.append(p)
+        else:
+            (reg if is_regularized(name, p) else noreg).append(p)
+    groups = [{"params": reg, "apply_wd": True}, {"params": noreg, "apply_wd": False, "weight_decay": 0.0}]
+    if not split_last_layer:
+        return groups
+    if any(not is_regularized(n, p) for n, p in model.named_parameters() if is_last_layer(n)):
+        raise ValueError("the last layer's parameters are expected to be decayed weights")
+    groups.append({"params": last, "apply_wd": True, "last_layer": True})
+    return [g for g in groups if g["params"]]
 
 
 def last_layer_params(model: nn.Module) -> list:
     """Parameters of the image head's last layer, frozen for the first ``optim.freeze_last_layer`` epochs."""
-    return [p for n, p in model.named_parameters() if "image_head.last_layer" in n and p.requires_grad]
+    return [p for n, p in model.named_parameters() if is_last_layer(n) and p.requires_grad]

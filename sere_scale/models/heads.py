@@ -60,7 +60,10 @@ class SyncTokenBatchNorm(nn.BatchNorm1d):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if not self.training or _dp_world() == 1:
-            y = F.batch_norm(x2.float(), self.running_mean, self.running_var, self.weight, self.bias,
+            # fp32 statistics even when an engine stores the affine parameters in bf16/fp16 (DeepSpeed)
+            w = self.weight.float() if self.weight is not None else None
+            b = self.bias.float() if self.bias is not None else None
+            y = F.batch_norm(x2.float(), self.running_mean, self.running_var, w, b,
                              self.training, self.momentum, self.eps)
             return y.to(x.dtype).reshape(shape)
         xf = x2.float()

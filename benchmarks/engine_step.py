@@ -1,0 +1,166 @@
+"""Training-step time and peak memory per engine (DDP, FSDP2, ZeRO-1/2/3) on synthetic multi-crop batches:
+the real method (losses), engine (backward, clipped step, EMA) and precision, no data loading.
+
+    # one node, 8 GPUs, bf16, ViT-L preset (as is; any key=value overrides after the options)
+    python benchmarks/engine_step.py --device cuda --nproc 8 --config configs/ibot_sere_vit_l16_fsdp.yaml \\
+        --backends ddp fsdp zero2 zero3 --steps 20 --warmup 5
+    # CPU smoke run of the script itself (tiny model, 2 ranks, fp32)
+    python benchmarks/engine_step.py --device cpu --nproc 2 --tiny --steps 3 --warmup 1
+
+Per backend one ``torchrun`` launch; each rank times ``--steps`` optimizer steps after ``--warmup`` (median
+and mean ms/step, global images/s) and reports its peak memory (CUDA: ``max_memory_allocated``; CPU: max RSS).
+Prints a markdown table with the device name and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = {"ddp": ["engine.backend=ddp"], "fsdp": ["engine.backend=fsdp"],
+            "fsdp_hybrid": ["engine.backend=fsdp", "engine.fsdp_strategy=hybrid"],
+            "fsdp_grad_op": ["engine.backend=fsdp", "engine.fsdp_strategy=grad_op"],
+            "zero1": ["engine.backend=deepspeed", "engine.zero_stage=1"],
+            "zero2": ["engine.backend=deepspeed", "engine.zero_stage=2"],
+            "zero3": ["engine.backend=deepspeed", "engine.zero_stage=3"]}
+TINY = ["model.arch=vit_tiny_cpu", "model.depth=2", "data.global_size=32", "data.local_size=16", "data.n_local=2",
+        "data.batch_size=8", "image_loss.out_dim=64", "image_loss.hidden_dim=32", "image_loss.bottleneck_dim=16",
+        "sere.spatial_size_global=3", "sere.spatial_size_local=2", "train.precision=fp32"]
+
+
+def synthetic_batch(cfg, device, gen):
+    """Random crops; every view covers the whole image (full overlap); iBOT masks on ~30% of patches."""
+    import torch
+    d, B = cfg.data, cfg.data.batch_size
+    V = d.n_global + d.n_local
+    crops = [torch.randn(B, 3, d.global_size, d.global_size, generator=gen) for _ in range(d.n_global)]
+    crops += [torch.randn(B, 3, d.local_size, d.local_size, generator=gen) for _ in range(d.n_local)]
+    from sere_scale.models.backbone import patch_size_of
+    h = d.global_size // patch_size_of(cfg.model)
+    return {"crops": [c.to(device) for c in crops],
+            "boxes": torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(B, V, 1).to(device),
+            "flips": torch.zeros(B, V, dtype=torch.bool, device=device),
+            "masks": (torch.rand(B, d.n_global, h, h, generator=gen) < 0.3).to(device),
+            "labels": torch.zeros(B, dtype=torch.long, device=device), "n_corrupt": 0}
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    from sere_scale.config import load_config
+    from sere_scale.distributed import init_distributed
+    from sere_scale.engine import build_engine
+    from sere_scale.method import SEREMethod
+    from sere_scale.models.network import build_student_teacher
+    from sere_scale.schedules import build_schedules
+
+    info = init_distributed(device=args.device)
+    extra = TINY if args.tiny else []
+    cfg = load_config(args.config, [*extra, *BACKENDS[args.backend], *args.overrides])
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg)
+    method = SEREMethod(cfg, student.backbone.num_heads)
+    eng = build_engine(cfg, student, teacher, method, info)
+    sched = build_schedules(cfg, 1000, info.world_size)
+    gen = torch.Generator().manual_seed(info.rank)
+    batches = [synthetic_batch(cfg, eng.device, gen) for _ in range(2)]
+    accum = cfg.train.grad_accum
+    cuda = eng.device.type == "cuda"
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        s = sched.at(5000 + i)  # past warm-up and the frozen last layer
+        for k in range(accum):
+            with eng.no_sync(k < accum - 1):
+                with eng.autocast():
+                    out = method(eng.student, eng.teacher, batches[(i + k) % 2], s)
+                eng.backward(out["loss"] / accum)
+        eng.step(s["lr"], s["wd"], False)
+        eng.ema_update(s["momentum"])
+        method.after_step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        name = torch.cuda.get_device_name()
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        import platform
+        name = platform.processor() or "cpu"
+    rec = {"ms_median": 1e3 * statistics.median(times), "ms_mean": 1e3 * statistics.mean(times), "peak": peak,
+           "device": name, "precision": eng.precision}
+    every = [None] * info.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(every, rec)
+    else:
+        every = [rec]
+    if info.is_main:
+        gb = cfg.data.batch_size * accum * info.world_size
+        Path(args.worker_out).write_text(json.dumps({"ranks": every, "global_batch": gb}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "ibot_sere_vit_l16_fsdp.yaml"))
+    ap.add_argument("--tiny", action="store_true", help="tiny CPU model (smoke run of this script)")
+    ap.add_argument("--backends", nargs="+", default=["ddp", "fsdp", "zero2", "zero3"], choices=sorted(BACKENDS))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="config overrides (key=value)")
+    args = ap.parse_args(argv)
+    if args.worker_out:
+        worker(args)
+        return 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "1" if args.device == "cpu" else "8")
+    if args.device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in args.backends:
+            out = Path(tmp) / f"{b}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   str(Path(__file__).resolve()), "--worker-out", str(out), "--backend", b, "--device", args.device,
+                   "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   *(["--tiny"] if args.tiny else []), *args.overrides]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"| {b} | failed: {res.stderr.strip().splitlines()[-1][:200]} |", flush=True)
+                continue
+            r = json.loads(out.read_text())
+            ms = max(x["ms_median"] for x in r["ranks"])
+            rows.append(f"| {b} | {r['ranks'][0]['precision']} | {ms:.1f} | {r['global_batch'] / ms * 1e3:.1f} | "
+                        f"{max(x['peak'] for x in r['ranks']) / 2**30:.2f} |")
+            device = r["ranks"][0]["device"]
+    print(f"{args.nproc} x {device if rows else '?'}; `{' '.join(['python', *sys.argv])}`\n")
+    print("| backend | precision | ms/step (median, slowest rank) | images/s | peak memory GiB (max rank) |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""Run under torchrun (any world size): a list of jobs, one after another in the same process group, each a
+training run of some backend followed by checks against independent references. Rank 0 writes a JSON report.
+
+``engines_run.py REPORT JOBS_JSON``; each job is a dict:
+  name, overrides (config overrides, output_dir included), resume (bool),
+  ref (bool: after training, save the full fp32 student/teacher/optimizer/center state to output_dir/ref.pt
+       through gathering APIs: FSDP ``full_tensor``/``get_state_dict(full_state_dict)``, DeepSpeed
+       ``safe_get_full_fp32_param`` / ``GatheredParameters``),
+  ema (momentum: after training, check shard-local EMA == EMA of the gathered fp32 parameters, bitwise),
+  reload (a run folder written at another world size: rebuild the engine, load its latest checkpoint and
+          compare the full state with that run's ref.pt bitwise) — then train as usual (resume from a copy),
+  nan_at (the loss of that forward call, counted from 1, is made NaN: with train.nonfinite=skip).
+"""
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sere_scale.checkpoint import find_latest
+from sere_scale.config import load_config
+from sere_scale.distributed import init_distributed
+from sere_scale.engine import build_engine
+from sere_scale.method import SEREMethod
+from sere_scale.models.network import build_student_teacher
+from sere_scale.train import train
+
+
+# ------------------------------------------------------------------------------- gathering (references)
+def full_student_fp32(eng) -> dict:
+    """The student's fp32 master weights, gathered (every rank)."""
+    if eng.name == "fsdp":
+        return {n: p.full_tensor().detach().clone() for n, p in eng.student_module.named_parameters()}
+    if eng.name == "deepspeed":
+        from deepspeed.utils import safe_get_full_fp32_param
+        return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in eng.student_module.named_parameters()}
+    return {n: p.detach().clone() for n, p in eng.student_module.named_parameters()}
+
+
+def full_student_compute(eng) -> dict:
+    """The student's weights as the module holds them (bf16 copies under DeepSpeed bf16), gathered."""
+    if eng.name == "deepspeed" and eng.stage == 3:
+        import deepspeed
+        params = list(eng.student_module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+    if eng.name == "fsdp":
+        return full_student_fp32(eng)
+    return {n: p.detach().clone() for n, p in eng.student_module.named_parameters()}
+
+
+def full_teacher_fp32(eng) -> dict:
+    """The teacher's fp32 parameters, gathered (every rank)."""
+    t = eng.teacher_module
+    if eng.name == "fsdp":
+        return {n: p.full_tensor().detach().clone() for n, p in t.named_parameters()}
+    if eng.name == "deepspeed" and eng.stage == 3:
+        params = list(t.named_parameters())
+        if params[0][1].ds_tensor.dtype == torch.float32:  # the module's own partitions are the fp32 state
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                return {n: p.detach().clone() for n, p in params}
+        sd = eng.teacher_state_dict()  # bf16 module: the fp32 partitions, gathered
+        return {n: sd[n].to(eng.device) for n, _ in params}
+    return {n: p.detach().clone() for n, p in t.named_parameters()}
+
+
+def same_on_all_ranks(tensors: dict) -> bool:
+    ok = True
+    for v in tensors.values():
+        hi, lo = v.detach().float().clone(), v.detach().float().clone()
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        ok &= bool(torch.equal(hi, lo))
+    return ok
+
+
+def ema_check(eng, m: float) -> dict:
+    S, T = full_student_fp32(eng), full_teacher_fp32(eng)
+    C = full_student_compute(eng)
+    eng.ema_update(m)
+    T2 = full_teacher_fp32(eng)
+    assert set(T2) == set(S), "teacher and student parameter names differ"
+    ref = {n: T[n] * m + S[n] * (1.0 - m) for n in T}  # independent reference on the gathered tensors
+    from_compute = {n: T[n] * m + C[n].float() * (1.0 - m) for n in T}
+    return {
+        "n_params": len(T),
+        "dtypes": sorted({str(v.dtype) for v in T2.values()}),
+        "bitwise_equal": all(torch.equal(T2[n], ref[n]) for n in T),
+        "max_abs_diff": max(float((T2[n] - ref[n]).abs().max()) if T2[n].numel() else 0.0 for n in T),
+        "student_teacher_gap": max(float((S[n] - T[n]).abs().max()) if T[n].numel() else 0.0 for n in T),
+        "compute_copy_differs": any(not torch.equal(C[n].float(), S[n]) for n in S),
+        "equal_to_ema_of_compute_copy": all(torch.equal(T2[n], from_compute[n]) for n in T),
+        "same_on_all_ranks": same_on_all_ranks(T2),
+    }
+
+
+def full_state(eng) -> dict:
+    """Student, teacher (fp32), optimizer moments keyed by parameter name, centers: full, on CPU."""
+    out = {"student": {k: v.cpu() for k, v in full_student_fp32(eng).items()},
+           "teacher": {k: v.cpu() for k, v in full_teacher_fp32(eng).items()},
+           "method": {k: v.cpu() for k, v in eng.method.state_dict().items()}}
+    if eng.name == "deepspeed":
+        # rank 0's flat fp32 partitions: AdamW moments and step counts
+        zero = eng.ds.optimizer
+        flats = (zero.fp32_partitioned_groups_flat if eng.stage == 3 else zero.single_partition_of_fp32_groups)
+        out["optimizer"] = {f"flat{i}.{k}": torch.as_tensor(v).float().cpu() for i, f in enumerate(flats)
+                            for k, v in zero.optimizer.state.get(f, {}).items()}
+    if eng.name == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        _, osd = get_state_dict(eng.student_module, eng.optimizer,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if osd:  # rank 0 only (cpu_offload)
+            out["optimizer"] = {f"{n}.{k}": (v.cpu() if torch.is_tensor(v) else torch.tensor(v))
+                                for n, st in osd["state"].items() for k, v in st.items()}
+            out["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
+    return out
+
+
+def compare_states(a: dict, b: dict) -> dict:
+    res = {}
+    for part in ("student", "teacher", "method", "optimizer"):
+        if part not in a:
+            continue
+        keys_equal = set(a[part]) == set(b[part])
+        bad = [k for k in a[part] if k in b[part] and not torch.equal(a[part][k], b[part][k])]
+        res[part] = {"keys_equal": keys_equal, "n": len(a[part]), "mismatch": bad[:5]}
+    if "param_groups" in a:
+        res["param_groups_equal"] = a["param_groups"] == b["param_groups"]
+    return res
+
+
+def main():
+    report_path, jobs_json = sys.argv[1:]
+    jobs = json.loads(Path(jobs_json).read_text())
+    info = init_distributed()
+    report = {"world": info.world_size}
+    for job in jobs:
+        t0 = time.time()
+        cfg = load_config(None, job["overrides"])
+        rec = {}
+        if job.get("reload"):
+            src = Path(job["reload"])
+            torch.manual_seed(cfg.train.seed)
+            student, teacher = build_student_teacher(cfg)
+            method = SEREMethod(cfg, student.backbone.num_heads)
+            eng = build_engine(cfg, student, teacher, method, info)
+            ckpt = find_latest(src)
+            state = eng.load(str(ckpt))
+            now = full_state(eng)
+            if info.is_main:
+                rec["reload"] = compare_states(torch.load(src / "ref.pt", weights_only=False), now)
+                rec["reload"]["train_state"] = state
+                shutil.copytree(src, cfg.output_dir)
+            dist.barrier()
+            del eng, student, teacher, method
+        restore = None
+        if job.get("nan_at"):  # the loss of the nan_at-th forward call (counted from 1) becomes NaN
+            restore, calls = SEREMethod.forward, {"n": 0}
+
+            def forward(self, *a, _orig=restore, _n=int(job["nan_at"]), **k):
+                out = _orig(self, *a, **k)
+                calls["n"] += 1
+                if calls["n"] == _n:
+                    out["loss"] = out["loss"] * float("nan")
+                return out
+            SEREMethod.forward = forward
+        try:
+            out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload")), info=info)
+        finally:
+            if restore is not None:
+                SEREMethod.forward = restore
+        eng = out["engine"]
+        rec["step"] = out["step"]
+        rec["exit"] = out["exit"]
+        if job.get("ref"):
+            st = full_state(eng)
+            if info.is_main:
+                torch.save(st, Path(cfg.output_dir) / "ref.pt")
+        if job.get("ema"):
+            rec["ema"] = ema_check(eng, float(job["ema"]))
+        dist.barrier()
+        rec["seconds"] = round(time.time() - t0, 1)
+        report[job["name"]] = rec
+    if info.is_main:
+        Path(report_path).write_text(json.dumps(report, indent=1, default=str))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
