@@ -1,6 +1,7 @@
 """Single-process and DDP engine (gloo on CPU, NCCL on GPU)."""
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional
 
@@ -36,7 +37,11 @@ class DDPEngine(Engine):
         if not info.distributed:
             return student
         dev = info.device
-        return DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+        # BatchNorm statistics are already global (SyncTokenBatchNorm); no buffer broadcast per forward.
+        # Newer torch names the switch forward_sync_buffers; older releases (≥ 2.11 supported) broadcast_buffers.
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False})
+        return DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None, **sync)
 
     @staticmethod
     def _ema_pairs(student, teacher):
