@@ -162,6 +162,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     mfu = LiveMFU(info.device, engine.precision) if cfg.train.log_mfu else None
 
     it = loader.epoch_iter(state["epoch"], state["batch"])
+    stop_now = False
     while state["step"] < total:
         s = sched.at(state["step"])
         outs, finite = [], True
@@ -183,8 +184,12 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                 with engine.no_sync(k < accum - 1):
                     with engine.autocast():
                         out = method(engine.student, engine.teacher, batch, s)
-                    ok = torch.isfinite(out["loss"].detach()).float()
-                    if not bool(all_reduce_sum(ok.clone()).item() == info.world_size):
+                    # one host sync per micro-batch: every rank's finiteness and any rank's preemption flag
+                    flags = torch.stack([torch.isfinite(out["loss"].detach()).float(),
+                                         torch.tensor(float(preempt.flag), device=info.device)])
+                    n_finite, n_preempted = all_reduce_sum(flags).tolist()
+                    stop_now = n_preempted > 0
+                    if n_finite != info.world_size:
                         finite = False
                         break
                     engine.backward(out["loss"] / accum)
@@ -242,8 +247,6 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                          rec["loss"], rec["loss_image"], rec["loss_spatial"], rec["loss_channel"], rec["img_per_s"])
             window_t, window_imgs, window_corrupt, window_wait, window_steps = time.perf_counter(), 0, 0, 0.0, 0
 
-        stop_now = bool(all_reduce_sum(torch.tensor([float(preempt.flag)], device=info.device)).item() > 0) \
-            if info.distributed else preempt.flag
         if step % every == 0 or step == total or stop_now:
             state["n_corrupt"] += _global_count(window_corrupt, info)
             window_corrupt = 0
