@@ -1,15 +1,17 @@
-"""data.augment=gpu end to end on the CPU: encoded folder batches, device augmentation in the training loop,
-exact resume, corrupt files counted."""
+"""data.augment=gpu end to end on the CPU: encoded folder and shard batches, device augmentation in the training
+loop, exact resume, corrupt files counted."""
+import io
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from sere_scale.config import ConfigError
 from sere_scale.data.encoded import DeviceAugment, split_encoded
 from sere_scale.data.loader import build_train_loader
+from sere_scale.data.shards import ShardLoader
 from sere_scale.metrics import read_metrics
 from sere_scale.train import train
 from tests.test_train import _crash_after
@@ -98,7 +100,55 @@ def test_corrupt_files_counted_with_gpu_augment(tmp_path, jpeg_data):
     assert read_metrics(tmp_path / "run")[-1]["n_corrupt"] == 3
 
 
-def test_gpu_augment_with_shards_is_a_config_error(tmp_path):
-    cfg = tiny_config(tmp_path, "", "data.augment=gpu", "data.shards=x-{000..001}.tar")
-    with pytest.raises(ConfigError, match="data.augment"):
-        build_train_loader(cfg)
+@pytest.fixture(scope="module")
+def jpeg_shards(tmp_path_factory, jpeg_data):
+    """3 tar shards of 8 samples listed in shards.txt: 21 of the images above (the PNG among them) and 3 bad
+    samples: a zero-byte jpg, a jpg of garbage bytes (both dropped on the device) and one without an image
+    member (dropped by the loader). 24 samples, so with batch 4 every epoch uses all of them."""
+    classes = sorted(d.name for d in jpeg_data.iterdir())
+    files = sorted(f for d in jpeg_data.iterdir() for f in d.iterdir())
+    files = [files[i] for i in range(0, len(files), 3)] + [files[i] for i in range(1, len(files), 3)][:9]
+    samples = [{f.suffix[1:]: f.read_bytes(), "cls": str(classes.index(f.parent.name)).encode()} for f in files]
+    samples[3:3] = [{"jpg": b"", "cls": b"0"}]
+    samples[11:11] = [{"jpg": b"not a jpeg at all" * 10, "cls": b"1"}]
+    samples[20:20] = [{"cls": b"2", "txt": b"no image"}]
+    assert len(samples) == 24 and any("png" in m for m in samples)
+    root = tmp_path_factory.mktemp("jpeg_shards")
+    lines = []
+    for s in range(3):
+        with tarfile.open(root / f"part-{s}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+            for j, members in enumerate(samples[8 * s: 8 * s + 8]):
+                for ext, data in members.items():
+                    ti = tarfile.TarInfo(f"s{s}_{j:03d}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        lines.append(f"part-{s}.tar 8\n")
+    (root / "shards.txt").write_text("".join(lines))
+    return root / "shards.txt"
+
+
+def test_training_from_shards_with_gpu_augment_counts_corrupt_and_resumes_exactly(tmp_path, jpeg_shards,
+                                                                                 monkeypatch):
+    extra = ["data.path=", f"data.shards={jpeg_shards}", "train.max_steps=7", "data.batch_size=4",
+             "data.augment=gpu"]
+    loader = build_train_loader(tiny_config(tmp_path / "ref", "", *extra))
+    assert isinstance(loader, ShardLoader) and loader.encoded and loader.batches_per_epoch == 6
+    batches = list(loader.epoch_iter(0, 0))
+    assert sum(b["n_corrupt"] for b in batches) == 1  # the sample without an image; the device drops 2 more
+    assert sum(len(b["index"]) for b in batches) == 23 and all("encoded" in b for b in batches)
+    ref = train(tiny_config(tmp_path / "ref", "", *extra))
+    assert ref["step"] == 7
+    a = read_metrics(tmp_path / "ref")
+    assert a[5]["step"] == 6 and a[5]["n_corrupt"] == 3  # epoch 0 (steps 1-6) holds all 24 samples
+    run = tmp_path / "crash"
+    with monkeypatch.context() as m:
+        _crash_after(m, 4)  # dies in step 5; checkpoint at step 3 (tiny: every 3 steps)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(run, "", *extra))
+    train(tiny_config(run, "", *extra), resume=True)  # steps 4-7: the rest of epoch 0, then epoch 1
+    b = read_metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 8)) and b[-1]["epoch"] == a[-1]["epoch"] >= 1
+    for ra, rb in zip(a, b):
+        assert ra["n_corrupt"] == rb["n_corrupt"], ra["step"]
+        for k in ("loss", "loss_image", "loss_spatial", "loss_channel", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)

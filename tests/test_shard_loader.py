@@ -1,4 +1,5 @@
-"""ShardLoader: disjoint equal-step ranks × workers, exact resume, corrupt/truncated accounting, shard specs."""
+"""ShardLoader: disjoint equal-step ranks × workers, exact resume, corrupt/truncated accounting, shard specs, and
+encoded batches (data.augment=gpu: stored bytes + masks, decoded and multi-cropped by DeviceAugment)."""
 from __future__ import annotations
 
 import io
@@ -13,12 +14,14 @@ from data_plane_fixtures import jpeg_bytes, make_tree, noisy_rgb, read_tar_sampl
 from PIL import Image
 
 from sere_scale.data import shards as shards_mod
+from sere_scale.data.encoded import DeviceAugment, EncodedSSLTransform, split_encoded
 from sere_scale.data.fastcrop import FastMultiCrop
+from sere_scale.data.gpu_multicrop import GPUMultiCrop
 from sere_scale.data.masking import MaskGenerator
 from sere_scale.data.multicrop import MultiCrop
 from sere_scale.data.shardlist import ShardSpecError, resolve_shards
 from sere_scale.data.shards import ShardLoader
-from sere_scale.data.transform import SSLTransform
+from sere_scale.data.transform import SSLTransform, sample_rng
 
 
 class MeanColour:
@@ -37,7 +40,8 @@ def mean_colour(jpg: bytes) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """42 images in 11 shards (3 or 4 each); reference: global id → (label, mean colour) read with tarfile."""
+    """42 images in 11 shards (3 or 4 each); reference: global id → (label, mean colour, stored jpg bytes) read
+    with tarfile."""
     src = tmp_path_factory.mktemp("src")
     make_tree(src, per_class=14, specials=False)
     out = tmp_path_factory.mktemp("shards")
@@ -46,7 +50,7 @@ def shards(tmp_path_factory):
     ref = []
     for f in info["filenames"]:  # global ids follow _info.json order, then the order inside each tar
         for s in read_tar_samples(out / f).values():
-            ref.append((int(s["cls"]), mean_colour(s["jpg"])))
+            ref.append((int(s["cls"]), mean_colour(s["jpg"]), s["jpg"]))
     return out, ref
 
 
@@ -145,8 +149,8 @@ def _write_tar(path: Path, samples, cut_after=None) -> list[int]:
     return ends
 
 
-@pytest.mark.parametrize("via_pipe", [False, True])
-def test_corrupt_missing_and_truncated_samples_are_counted(tmp_path, via_pipe):
+@pytest.mark.parametrize("via_pipe,encoded", [(False, False), (True, False), (False, True)])
+def test_corrupt_missing_and_truncated_samples_are_counted(tmp_path, via_pipe, encoded):
     good_ids, lines = set(), []
     gid = 0
     for s in range(4):
@@ -156,6 +160,8 @@ def test_corrupt_missing_and_truncated_samples_are_counted(tmp_path, via_pipe):
             members = {"jpg": data, "cls": b"1"}
             if s == 1 and j == 2:
                 members["jpg"] = b"\xff\xd8 this is not a JPEG"
+            elif s == 0 and j == 4:
+                members["jpg"] = b""
             elif s == 2 and j == 0:
                 members = {"cls": b"1", "txt": b"no image"}
             elif not (s == 3 and j >= 3):
@@ -168,11 +174,50 @@ def test_corrupt_missing_and_truncated_samples_are_counted(tmp_path, via_pipe):
             p.write_bytes(p.read_bytes()[: ends[2] + 700])
         lines.append(f"{'pipe:cat ' + str(p) if via_pipe else p.name} 5")
     (tmp_path / "shards.txt").write_text("# url count\n" + "\n".join(lines) + "\n")
-    ld = ShardLoader(str(tmp_path / "shards.txt"), MeanColour(), 4, 0, 1, seed=0, num_workers=0)
+    tf = EncodedSSLTransform(2, 32, 8, MaskGenerator(0.5)) if encoded else MeanColour()
+    ld = ShardLoader(str(tmp_path / "shards.txt"), tf, 4, 0, 1, seed=0, num_workers=0)
     batches = run_epoch(ld)
     assert len(batches) == ld.batches_per_epoch == 5
-    assert sum(b["n_corrupt"] for b in batches) == 4
+    if encoded:  # the loader counts the missing and truncated samples; the device the 2 undecodable ones
+        assert sum(b["n_corrupt"] for b in batches) == 3
+        aug = DeviceAugment(GPUMultiCrop(32, 16, 2, 2), seed=0)
+        batches = [aug(b, 0, k) for k, b in enumerate(batches)]
+        assert all(len(b["index"]) == len(b["labels"]) == len(b["masks"]) == len(b["crops"][0]) for b in batches)
+    assert sum(b["n_corrupt"] for b in batches) == 5
     assert sorted(i for b in ids(batches) for i in b) == sorted(good_ids)
+
+
+def test_encoded_batches_hold_the_stored_bytes_and_resume_exactly(shards):
+    """data.augment=gpu: each batch holds exactly the bytes stored in the tar for its indices, the labels, and
+    the iBOT masks the folder encoded path makes for that sample seed; same plan and resume as the CPU path."""
+    out, ref = shards
+    tf = EncodedSSLTransform(2, 32, 8, MaskGenerator(0.5))
+    B, world, seed, epoch = 3, 2, 5, 1
+    n_masked = 0
+    for rank in range(world):
+        def make(transform):
+            return ShardLoader(str(out), transform, B, rank, world, seed=seed, num_workers=2, shuffle_buffer=4)
+        enc, cpu = make(tf), make(MeanColour())
+        assert enc.encoded and not cpu.encoded
+        batches = run_epoch(enc, epoch)
+        assert len(batches) == enc.batches_per_epoch == cpu.batches_per_epoch
+        assert ids(batches) == ids(run_epoch(cpu, epoch))  # same samples in the same order as the CPU path
+        for b in batches:
+            assert set(b) == {"encoded", "encoded_sizes", "masks", "labels", "index", "n_corrupt"}
+            assert b["encoded"].dtype == torch.uint8 and b["n_corrupt"] == 0 and b["masks"].shape == (B, 2, 4, 4)
+            for i, (img, gid) in enumerate(zip(split_encoded(b), b["index"].tolist())):
+                assert img.numpy().tobytes() == ref[gid][2], f"sample {gid}: bytes differ from the tar's"
+                assert b["labels"][i].item() == ref[gid][0]
+                with sample_rng(seed, epoch, gid):  # EncodedImageFolder's recipe, with the global id
+                    assert torch.equal(b["masks"][i], tf(b"")["masks"])
+                n_masked += int(b["masks"][i].any())
+        for k in (1, len(batches) - 1):  # resume at batch k: identical remaining batches
+            rest = run_epoch(make(tf), epoch, k)
+            assert len(rest) == len(batches) - k
+            for a, c in zip(rest, batches[k:]):
+                assert all(torch.equal(a[key], c[key]) for key in ("encoded", "encoded_sizes", "masks", "labels",
+                                                                  "index"))
+    assert n_masked > 0
 
 
 def test_too_few_shards_for_ranks_x_workers_is_a_clear_error(shards):

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class EncodedSSLTransform:
     """Bytes → ``{"encoded": uint8 tensor, "masks": (n_global, h, w) bool}``."""
 
+    takes_bytes = True  # loaders (shards.ShardLoader) hand it the stored bytes instead of a decoded image
+
     def __init__(self, n_global: int, global_size: int, patch_size: int, masks: MaskGenerator | None = None):
         self.n_global, self.grid, self.masks = n_global, global_size // patch_size, masks
 

@@ -51,11 +51,8 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1):
         transform = EncodedSSLTransform.from_config(cfg)
     else:
         transform = SSLTransform.from_config(cfg)
-    if d.shards:
-        if gpu:  # the shard loader would need to yield encoded.collate_encoded batches
-            from ..config import ConfigError
-            raise ConfigError("config key 'data.augment': 'gpu' is supported with 'data.path' only so far")
-        from .shards import ShardLoader  # WebDataset streaming (data-plane issue)
+    if d.shards:  # WebDataset streaming; with augment=gpu it ships the stored bytes (collate_encoded batches)
+        from .shards import ShardLoader
         return ShardLoader(d.shards, transform, d.batch_size, rank, world_size, cfg.train.seed, d.num_workers)
     if not d.path:
         from ..config import ConfigError

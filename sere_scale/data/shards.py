@@ -11,6 +11,13 @@ Per sample: the stored image bytes are opened lazily, ``seed_sample(seed, epoch,
 augmentation, and ``transform`` (e.g. ``SSLTransform``) makes crops, boxes, flips and iBOT masks; batches are
 ``collate_ssl`` dicts plus ``index`` (global sample ids of the kept samples). A sample that is missing, does not
 decode or lies in a truncated part of a tar still takes its slot and is counted in the batch's ``n_corrupt``.
+
+With an encoded transform (``data.augment=gpu``: ``encoded.EncodedSSLTransform``, or any transform with
+``takes_bytes = True``) nothing is decoded here: the transform gets the stored image member's bytes (under the same
+per-sample seed, so the iBOT masks are reproducible) and batches are ``encoded.collate_encoded`` dicts (packed
+``encoded`` uint8 + ``encoded_sizes``, ``masks``, ``labels``, ``index``, ``n_corrupt``). Samples without an image
+member or lost in a truncated tar are counted here; bytes that do not decode are dropped and counted on the device
+by ``encoded.DeviceAugment``. Positions, ``batches_per_epoch`` and resume are those of the decoding path.
 """
 from __future__ import annotations
 
@@ -32,6 +39,11 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 STATE_VERSION = 1
+
+
+def takes_bytes(transform) -> bool:
+    """True if the transform takes a sample's encoded image bytes (``data.augment=gpu``) instead of an image."""
+    return bool(getattr(transform, "takes_bytes", False))
 
 
 def _lazy_ok(transform) -> bool:
@@ -80,6 +92,7 @@ class ShardLoader:
                 f"{n} shards for {world_size} ranks x {self.streams} reader streams (num_workers={num_workers}): "
                 f"each stream needs a shard of its own. Use fewer workers, or re-shard with a smaller "
                 f"--shard-size (sere-prep), or resampled=True")
+        self.encoded = takes_bytes(transform)
         self._lazy = _lazy_ok(transform)
         self._position = (0, 0)
         self._warned = 0
@@ -178,7 +191,11 @@ class ShardLoader:
                 batch = []
 
     def _collate(self, samples: list) -> dict:
-        out = collate_ssl(samples)
+        if self.encoded:
+            from .encoded import collate_encoded
+            out = collate_encoded(samples)
+        else:
+            out = collate_ssl(samples)
         out["index"] = torch.tensor([s["index"] for s in samples if s is not None], dtype=torch.long)
         return out
 
@@ -196,6 +213,8 @@ class ShardLoader:
         states = (random.getstate(), torch.get_rng_state()) if keep_rng else None
         try:
             seed_sample(self.seed, epoch, gid if pc.draw < 0 else gid + self.shardset.total * (pc.draw + 1))
+            if self.encoded:  # decoded (and checked) on the device: encoded.DeviceAugment
+                return self._labelled(self.transform(sample[key]), label, gid)
             try:
                 img = Image.open(io.BytesIO(sample[key]))
                 if not self._lazy:
@@ -213,6 +232,10 @@ class ShardLoader:
             if states is not None:
                 random.setstate(states[0])
                 torch.set_rng_state(states[1])
+        return self._labelled(out, label, gid)
+
+    @staticmethod
+    def _labelled(out: dict, label: int, gid: int) -> dict:
         out["label"], out["index"] = label, gid
         return out
 
