@@ -1,7 +1,9 @@
 """``data.augment=gpu``: loaders ship encoded bytes (+ labels and CPU-made iBOT masks); the device augments.
 
-- ``EncodedSSLTransform``: raw bytes → ``{"encoded", "masks"}`` (the masks exactly as ``SSLTransform`` makes them).
-- ``EncodedImageFolder``: the folder dataset reading file bytes instead of decoding.
+- ``EncodedSSLTransform``: raw bytes → ``{"encoded", "masks"}`` (the masks by ``SSLTransform``'s recipe; not the
+  same draws for a sample seed, since the CPU crops use the sample's RNG first).
+- ``EncodedImageFolder``: the folder dataset reading file bytes instead of decoding (``shards.ShardLoader`` does the
+  same for the stored image members when its transform has ``takes_bytes``).
 - ``collate_encoded``: batch ``{"encoded": packed uint8, "encoded_sizes": (B,), "masks", "labels", "n_corrupt"}``
   (``encoded`` may also be a list of B uint8 tensors); any loader (folder, shards) that yields this format
   works with ``DeviceAugment``.
