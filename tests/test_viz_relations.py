@@ -11,6 +11,7 @@ from sere_scale.viz.figures import _to_view
 from sere_scale.viz.relations import (
     ChannelStats,
     channel_relation,
+    row_corr_distance,
     row_tv,
     spatial_relation,
     two_view_relations,
@@ -45,6 +46,29 @@ def test_channel_relation_matches_loop_reference():
             z = sum(math.exp(v) for v in logits)
             for j in range(4):
                 assert A[b, i, j].item() == pytest.approx(math.exp(logits[j]) / z, rel=1e-9)
+
+
+def test_row_corr_distance_matches_pearson_and_ignores_temperature():
+    import numpy as np
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    d = row_corr_distance(a, b)
+    assert d.shape == (3, 2, 5) and d.dtype == torch.float64
+    for idx in np.ndindex(3, 2, 5):
+        keep = [j for j in range(5) if j != idx[2]]  # the diagonal entry is left out
+        r = np.corrcoef(a[idx].double().numpy()[keep], b[idx].double().numpy()[keep])[0, 1]
+        assert d[idx].item() == pytest.approx(1 - r, abs=1e-9)
+    # a positive scale (a softmax temperature) and an offset per row change nothing; a sign flip is maximal
+    torch.testing.assert_close(row_corr_distance(3.0 * a + 1.5, 0.2 * b - 4.0), d, rtol=0, atol=1e-9)
+    assert torch.all(row_corr_distance(a, a) == 0)
+    torch.testing.assert_close(row_corr_distance(a, -a), torch.full_like(d, 2.0), rtol=0, atol=1e-9)
+    # changing the diagonal alone changes nothing; flat rows: equal → 0, against a varying row → 1
+    assert torch.equal(row_corr_distance(a + 9.0 * torch.eye(5), b), d)
+    flat = torch.zeros(1, 4, 4)
+    assert row_corr_distance(flat, flat).tolist() == [[0.0] * 4]
+    assert row_corr_distance(flat, torch.randn(1, 4, 4, generator=g)).min() > 0.99
+    assert torch.equal(row_corr_distance(torch.randn(1, 2, 2), torch.randn(1, 2, 2)), torch.zeros(1, 2,
+                                                                                                 dtype=torch.float64))
 
 
 def test_row_tv_and_channel_stats():

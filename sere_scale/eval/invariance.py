@@ -2,14 +2,17 @@
 
 For every image: two views (``eval/views.py``), the spatial relations of both sampled on their overlap
 region and the channel relations of both (``viz/relations.py``: METHOD.md's definitions on the pre-norm
-features, standardised per channel with statistics over both views of all the images, the teacher's
-temperatures), and the mean over rows of the total-variation distance between matching rows
-(``0.5·Σ_j |A1_ij − A2_ij|``: symmetric, in [0, 1], 0 for identical relations). ``spatial`` averages over
-images whose views overlap, heads and rows; ``channel`` over images and rows. Lower = more invariant.
+features passed through the projection head h at its initial parameters — standardised per channel with
+statistics over both views of all the images, then ReLU).
 
-Sharper relations differ more for the same mismatch, so the result also holds a scale-free reference:
-``*_unrelated``, the same distance between view 1 of each image and view 2 of the next image of the set, and
-``*_ratio`` = related / unrelated (< 1: the views of one image agree more than those of two images).
+``spatial`` / ``channel``: the mean over rows of the correlation distance between matching rows of the two
+views' relation scores (``row_corr_distance``: 1 − Pearson r over the off-diagonal entries; 0 for relations
+that agree up to temperature, 1 for unrelated ones), over images whose views overlap, heads and rows
+(spatial) or images and rows (channel). Lower = more invariant. It ignores how sharp the relations are:
+training sharpens spatial relations, and a distance between softmaxes (``spatial_tv`` / ``channel_tv``: the
+total-variation distance ``0.5·Σ_j |A1_ij − A2_ij|`` at the teacher's temperatures, also reported) grows with
+sharpness for the same disagreement. ``*_unrelated``: the correlation distance between view 1 of each image and
+view 2 of the next image of the set; ``*_ratio`` = related / unrelated.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ from typing import Optional
 import torch
 
 from ..data.folder import IMG_EXT, load_rgb
-from ..viz.relations import ChannelStats, row_tv, two_view_relations, view_tokens
+from ..viz.relations import ChannelStats, row_corr_distance, row_tv, two_view_relations, view_tokens
 from .views import make_views, parse_strength, view_maker
 
 log = logging.getLogger("sere_scale")
+MEASURE = "mean row correlation distance of the relation scores (1 - Pearson r, off-diagonal)"
 
 
 def list_images(root: str | Path, limit: Optional[int] = None) -> list[str]:
@@ -72,7 +76,8 @@ def _view_batches(images: list[str], maker, seed: int, batch_size: int, device):
 def measure_invariance(backbone, images: list[str], cfg, strength="train", image_size: Optional[int] = None,
                        batch_size: int = 32, seed: int = 0, standardize: bool = True,
                        device: str | torch.device = "cpu", per_image: bool = False) -> dict:
-    """Mean total-variation distance between the two views' spatial and channel relations (see module doc)."""
+    """Mean correlation distance (and total-variation distance) between the two views' spatial and channel
+    relations (see the module doc)."""
     strength = parse_strength(strength)
     size = int(image_size or cfg.data.global_size)
     rs = relation_settings(cfg, backbone)
@@ -89,47 +94,54 @@ def measure_invariance(backbone, images: list[str], cfg, strength="train", image
             if acc.n == 0:
                 raise ValueError("no readable images to measure invariance on")
             stats = acc.mean_std()
-        sp_img, ch_img, valid_img, sp_heads = [], [], [], []
-        last, sp_x, ch_x = None, [], []
+        acc = {k: [] for k in ("sp", "ch", "sp_tv", "ch_tv", "sp_x", "ch_x", "valid", "sp_heads")}
+        last = None
         for crops, boxes, flips in _view_batches(images, maker, seed, batch_size, device):
             r = two_view_relations(backbone, crops, boxes, flips, rs["size"], rs["heads"], rs["tau_p"],
                                    rs["tau_c"], standardize, stats)
-            sp = row_tv(r["spatial"][0], r["spatial"][1]).mean(dim=-1).double().cpu()  # (B, M)
-            sp_heads.append(sp)
-            sp_img += sp.mean(dim=1).tolist()
-            ch_img += row_tv(r["channel"][0], r["channel"][1]).mean(dim=-1).double().cpu().tolist()
-            valid_img += r["valid"].cpu().tolist()
+            sp = row_corr_distance(r["spatial_scores"][0], r["spatial_scores"][1]).mean(dim=-1).cpu()  # (B, M)
+            acc["sp_heads"].append(sp)
+            acc["sp"] += sp.mean(dim=1).tolist()
+            acc["ch"] += row_corr_distance(r["channel_scores"][0], r["channel_scores"][1]).mean(-1).cpu().tolist()
+            acc["sp_tv"] += row_tv(r["spatial"][0], r["spatial"][1]).mean(dim=(1, 2)).double().cpu().tolist()
+            acc["ch_tv"] += row_tv(r["channel"][0], r["channel"][1]).mean(dim=-1).double().cpu().tolist()
+            acc["valid"] += r["valid"].cpu().tolist()
             # unrelated pairs: view 1 of image k against view 2 of image k + 1 (across batch borders too)
-            x = (r["spatial"][0], r["channel"][0], r["valid"])
-            y = (r["spatial"][1], r["channel"][1], r["valid"])
+            x = (r["spatial_scores"][0], r["channel_scores"][0], r["valid"])
+            y = (r["spatial_scores"][1], r["channel_scores"][1], r["valid"])
             if last is None:
                 x_k, y_k = tuple(t[:-1] for t in x), tuple(t[1:] for t in y)
             else:
                 x_k, y_k = tuple(torch.cat([a, t[:-1]]) for a, t in zip(last, x)), y
             last = tuple(t[-1:] for t in x)
             ok = (x_k[2] & y_k[2]).cpu()
-            sp_x += row_tv(x_k[0], y_k[0]).mean(dim=(1, 2)).double().cpu()[ok].tolist()
-            ch_x += row_tv(x_k[1], y_k[1]).mean(dim=1).double().cpu().tolist()
+            acc["sp_x"] += row_corr_distance(x_k[0], y_k[0]).mean(dim=(1, 2)).cpu()[ok].tolist()
+            acc["ch_x"] += row_corr_distance(x_k[1], y_k[1]).mean(dim=1).cpu().tolist()
     finally:
         backbone.train(was_training)
-    n = len(ch_img)
+    n = len(acc["ch"])
     if n == 0:
         raise ValueError("no readable images to measure invariance on")
-    valid = torch.tensor(valid_img)
-    heads = torch.cat(sp_heads)[valid]
+    valid = torch.tensor(acc["valid"], dtype=torch.bool)
+    heads = torch.cat(acc["sp_heads"])[valid]
     n_valid = int(valid.sum())
+
+    def mean(values, mask=None):
+        v = values if mask is None else [x for x, ok in zip(values, mask) if ok]
+        return sum(v) / len(v) if v else float("nan")
+
+    res = {"spatial": float(heads.mean()) if n_valid else float("nan"), "channel": mean(acc["ch"])}
+    res["spatial_unrelated"], res["channel_unrelated"] = mean(acc["sp_x"]), mean(acc["ch_x"])
+    res["spatial_ratio"] = res["spatial"] / res["spatial_unrelated"] if acc["sp_x"] else float("nan")
+    res["channel_ratio"] = res["channel"] / res["channel_unrelated"] if acc["ch_x"] else float("nan")
+    res["spatial_tv"], res["channel_tv"] = mean(acc["sp_tv"], acc["valid"]), mean(acc["ch_tv"])
     per_head = heads.mean(dim=0).tolist() if n_valid else [float("nan")] * rs["heads"]
-    res = {"spatial": float(heads.mean()) if n_valid else float("nan"), "channel": sum(ch_img) / n}
-    res["spatial_unrelated"] = sum(sp_x) / len(sp_x) if sp_x else float("nan")
-    res["channel_unrelated"] = sum(ch_x) / len(ch_x) if ch_x else float("nan")
-    res["spatial_ratio"] = res["spatial"] / res["spatial_unrelated"] if sp_x else float("nan")
-    res["channel_ratio"] = res["channel"] / res["channel_unrelated"] if ch_x else float("nan")
     res.update({"spatial_per_head": per_head, "n_images": n, "overlap_frac": n_valid / n,
                 "strength": strength, "image_size": size, "standardize": standardize,
-                "measure": "mean row total-variation distance", **rs})
+                "measure": MEASURE, **rs})
     if per_image:
-        res["spatial_per_image"] = [v if ok else None for v, ok in zip(sp_img, valid_img)]
-        res["channel_per_image"] = ch_img
+        res["spatial_per_image"] = [v if ok else None for v, ok in zip(acc["sp"], acc["valid"])]
+        res["channel_per_image"] = acc["ch"]
     return res
 
 
@@ -183,4 +195,5 @@ def invariance_during_training(cfg, engine, step: int, info) -> dict:
         backbone.load_state_dict(sd)
         res = measure_invariance(backbone, list_images(root, e.invariance_images), cfg, "train",
                                  batch_size=cfg.data.batch_size, seed=cfg.train.seed, device=info.device)
-    return {f"invariance_{k}": res[k] for k in ("spatial", "channel", "spatial_ratio", "channel_ratio")}
+    return {f"invariance_{k}": res[k] for k in ("spatial", "channel", "spatial_ratio", "channel_ratio",
+                                                  "spatial_tv", "channel_tv")}

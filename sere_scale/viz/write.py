@@ -97,11 +97,11 @@ def demo_report(run_dir: str | Path, val_dir: str | Path, n_images: int = 4, out
     for name, rand in (("random-init", True), ("trained", False)):
         cfg, backbone = load_backbone(str(run_dir), random_init=rand)
         results[name] = measure_invariance(backbone, list_images(val_dir, n_invariance), cfg, "train")
-    print("\nSelf-relation invariance on the validation split (mean total-variation distance between the "
-          "relations of two augmented views; lower = more invariant):")
+    print("\nSelf-relation invariance on the validation split (correlation distance between the relations of "
+          "two augmented views; lower = more invariant; TV: total-variation distance of the softmaxes):")
     for name, r in results.items():
-        print(f"  {name:12s} spatial {r['spatial']:.4f} (ratio to unrelated images {r['spatial_ratio']:.3f})"
-              f"   channel {r['channel']:.4f} (ratio {r['channel_ratio']:.3f})")
+        print(f"  {name:12s} spatial {r['spatial']:.4f} (TV {r['spatial_tv']:.4f})"
+              f"   channel {r['channel']:.4f} (TV {r['channel_tv']:.4f})")
     out = Path(out) if out else Path(run_dir) / "pictures"
     write_pictures(backbone, cfg, list_images(val_dir, n_images), out)
     print(f"pictures of {n_images} validation images (attention, spatial and channel relations): {out}")
