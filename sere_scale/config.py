@@ -134,10 +134,12 @@ class EngineConfig:
 class EvalConfig:
     knn_k: int = 20
     knn_t: float = 0.07
-    val_path: str = ""
+    val_path: str = ""  # labelled validation images: image folder or shard spec (docs/EVAL.md)
+    knn_every: int = 0  # steps between k-NN evaluations of the teacher during training (0: off)
+    knn_train_path: str = ""  # their feature bank: labelled image folder or shard spec; queries: val_path
     eval_size: int = 224
     invariance_every: int = 0  # steps between self-relation invariance measurements of the teacher (0: off)
-    invariance_data: str = ""  # image folder for them (default: val_path)
+    invariance_data: str = ""  # image folder or shard spec for them (default: val_path)
     invariance_images: int = 64  # images per measurement
 
 
@@ -310,6 +312,10 @@ def validate(cfg: Config) -> Config:
     req(0 <= lo <= hi < 1, "image_loss.mask_ratio", "needs 0 <= low <= high < 1")
     req(0 <= cfg.image_loss.mask_prob <= 1, "image_loss.mask_prob", "must be in [0, 1]")
     req(cfg.optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+    req(cfg.eval.knn_every >= 0, "eval.knn_every", "must be >= 0 (0: off)")
+    for k in ("knn_train_path", "val_path"):
+        req(cfg.eval.knn_every == 0 or getattr(cfg.eval, k), f"eval.{k}",
+            "must be set when eval.knn_every > 0 (labelled image folder or shard spec)")
     return cfg
 
 

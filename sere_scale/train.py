@@ -238,6 +238,9 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             if cfg.eval.invariance_every:
                 from .eval.invariance import invariance_during_training
                 rec.update(invariance_during_training(cfg, engine, step, info))
+            if cfg.eval.knn_every:
+                from .eval.knn import knn_during_training
+                rec.update(knn_during_training(cfg, engine, step, info))
             metrics.log(rec)
             last_record = rec
             if pbar is not None:

@@ -6,7 +6,9 @@ def add_parser(sub):
     p = sub.add_parser("invariance",
                        help="mean change of spatial and channel self-relations between two views")
     add_source_args(p)
-    p.add_argument("--data", required=True, help="image folder (searched recursively), e.g. a validation set")
+    p.add_argument("--data", required=True,
+                   help="image folder (searched recursively), e.g. a validation set, or WebDataset shards (a "
+                        "sere-prep folder with _info.json [#SPLIT, default val], a list file or a brace pattern)")
     p.add_argument("--out", default=None, help="also write the result as JSON to this file")
     p.add_argument("--max-images", type=int, default=None, help="at most this many images (evenly spread)")
     p.add_argument("--strength", default="train",

@@ -1,13 +1,24 @@
-"""Frozen-backbone feature extraction on labelled image folders."""
+"""Frozen-backbone feature extraction on labelled images: an image folder or WebDataset shards
+(``data/evaldata.py``: how the two are told apart, sample order, labels, corrupt samples).
+
+One process reads the whole data set (no split over ranks: the training-time hooks run it on rank 0 only).
+Features come back in the data set's order (a folder's sorted order, the shards' listed order) whatever the
+number of loader workers.
+"""
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from ..data.folder import load_rgb, scan_folder
+from ..data.evaldata import LabelledFolder, LabelledShards, labelled_dataset
 from ..data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+__all__ = ["eval_transform", "extract_features", "LabelledFolder", "LabelledShards"]
 
 
 def eval_transform(size: int):
@@ -15,36 +26,43 @@ def eval_transform(size: int):
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-class LabelledFolder(Dataset):
-    def __init__(self, root: str, size: int):
-        self.items, self.classes = scan_folder(root)
-        self.tf = eval_transform(size)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, label = self.items[i]
-        img = load_rgb(path)
-        if img is None:
-            return None
-        return self.tf(img), label
-
-
 def _collate(items):
-    items = [x for x in items if x is not None]
-    return torch.stack([x[0] for x in items]), torch.tensor([x[1] for x in items])
+    """(images or None, labels, indices, number of corrupt items) of a batch."""
+    ok = [x for x in items if x is not None]
+    if not ok:
+        return None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), len(items)
+    return (torch.stack([x[0] for x in ok]), torch.tensor([x[1] for x in ok], dtype=torch.long),
+            torch.tensor([x[2] for x in ok], dtype=torch.long), len(items) - len(ok))
 
 
 @torch.no_grad()
-def extract_features(backbone, root: str, size: int, batch_size: int = 64, device="cpu", num_workers: int = 0):
-    """L2-normalised CLS features (normed output of the backbone) and labels of every readable image."""
-    ds = LabelledFolder(root, size)
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate, num_workers=num_workers)
-    feats, labels = [], []
+def extract_features(backbone, root, size: int, batch_size: int = 64, device="cpu", num_workers: int = 0,
+                     split: str | None = None, stats: dict | None = None):
+    """L2-normalised CLS features (normed output of the backbone), labels and class names (``None`` for shards
+    without an ``_info.json``) of every readable image of ``root``, an image folder or a shard spec; ``split``:
+    the split read from an ``_info.json`` spec without ``#SPLIT``. Unreadable samples are skipped, logged and
+    counted; ``stats`` (a dict), if given, receives ``n`` (features) and ``n_corrupt``."""
+    ds = labelled_dataset(root, eval_transform(size), split)
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate, num_workers=num_workers,
+                    multiprocessing_context="fork" if num_workers else None)
+    feats, labels, index, n_corrupt = [], [], [], 0
     backbone = backbone.to(device).eval()
-    for x, y in dl:
+    for x, y, i, bad in dl:
+        n_corrupt += bad
+        if x is None:
+            continue
         f = backbone(x.to(device))["cls"].float()
         feats.append(F.normalize(f, dim=-1).cpu())
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels), ds.classes
+        index.append(i)
+    if not feats:
+        raise ValueError(f"no readable images in '{root}' ({n_corrupt} corrupt)")
+    feats, labels, index = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    if num_workers and isinstance(ds, LabelledShards):  # workers read whole shards each: restore listed order
+        order = index.argsort()
+        feats, labels = feats[order], labels[order]
+    if n_corrupt:
+        log.warning("skipped %d corrupt of %d samples of '%s'", n_corrupt, ds.total, root)
+    if stats is not None:
+        stats.update(n=int(labels.numel()), n_corrupt=int(n_corrupt))
+    return feats, labels, ds.classes

@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from ..data.folder import IMG_EXT, load_rgb
+from ..data.evaldata import ShardImages, is_shard_spec, iter_rgb
+from ..data.folder import IMG_EXT
 from ..viz.relations import ChannelStats, row_corr_distance, row_tv, two_view_relations, view_tokens
 from .views import make_views, parse_strength, view_maker
 
@@ -58,22 +59,36 @@ def relation_settings(cfg, backbone) -> dict:
             "size": cfg.sere.spatial_size_global}
 
 
-def _view_batches(images: list[str], maker, seed: int, batch_size: int, device):
-    """(crops pair, boxes, flips) batches of the two views of every readable image, in order."""
-    for i in range(0, len(images), batch_size):
-        views = []
-        for j, path in enumerate(images[i:i + batch_size]):
-            img = load_rgb(path)
-            if img is not None:
-                views.append(make_views(maker, img, seed, i + j))
-        if views:
-            yield (tuple(torch.stack([v["crops"][k] for v in views]).to(device) for k in range(2)),
-                   torch.stack([v["boxes"] for v in views]).to(device),
-                   torch.stack([v["flips"] for v in views]).to(device))
+def eval_images(root, limit: Optional[int] = None, split: str = "val") -> list[str] | ShardImages:
+    """The images to measure: :func:`list_images` of an image folder (or file), or an evenly strided selection
+    of a shard spec's samples (``data/evaldata.py``: the rule telling them apart; ``_info.json`` specs without
+    ``#SPLIT`` read ``split``)."""
+    if is_shard_spec(root):
+        return ShardImages(root, limit, split)
+    return list_images(root, limit)
+
+
+def _view_batches(images, maker, seed: int, batch_size: int, device):
+    """(crops pair, boxes, flips) batches of the two views of every readable image, in order (``images``: image
+    paths or a ``ShardImages``; the views of the k-th image are seeded by k)."""
+    def flush(views):
+        return (tuple(torch.stack([v["crops"][k] for v in views]).to(device) for k in range(2)),
+                torch.stack([v["boxes"] for v in views]).to(device),
+                torch.stack([v["flips"] for v in views]).to(device))
+
+    views = []
+    for k, img in enumerate(iter_rgb(images)):
+        if img is not None:
+            views.append(make_views(maker, img, seed, k))
+        if (k + 1) % batch_size == 0 and views:
+            yield flush(views)
+            views = []
+    if views:
+        yield flush(views)
 
 
 @torch.no_grad()
-def measure_invariance(backbone, images: list[str], cfg, strength="train", image_size: Optional[int] = None,
+def measure_invariance(backbone, images, cfg, strength="train", image_size: Optional[int] = None,
                        batch_size: int = 32, seed: int = 0, standardize: bool = True,
                        device: str | torch.device = "cpu", per_image: bool = False) -> dict:
     """Mean correlation distance (and total-variation distance) between the two views' spatial and channel
@@ -152,7 +167,7 @@ def invariance_main(args) -> int:
         cfg.sere.heads = args.heads
     if args.relation_size:
         cfg.sere.spatial_size_global = args.relation_size
-    images = list_images(args.data, args.max_images)
+    images = eval_images(args.data, args.max_images)
     res = measure_invariance(backbone, images, cfg, args.strength, args.size, args.batch_size, args.seed,
                              not args.no_standardize)
     res["checkpoint"] = str(args.checkpoint or args.timm_file)
@@ -167,12 +182,26 @@ def invariance_main(args) -> int:
 _HOOK_BACKBONES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def hook_backbone(cfg, engine, state: dict, device):
+    """A backbone (built once per engine, cached) holding the backbone part of the teacher ``state``; for the
+    training-time hooks. Call it under ``torch.random.fork_rng``: building it draws initial weights."""
+    backbone = _HOOK_BACKBONES.get(engine)
+    if backbone is None:
+        from ..models.backbone import ViTBackbone, create_vit
+        backbone = ViTBackbone(create_vit(cfg.model, cfg.data.global_size, 0.0),
+                               mask_token=cfg.image_loss.kind == "ibot").to(device)
+        _HOOK_BACKBONES[engine] = backbone
+    prefix = "backbone."
+    backbone.load_state_dict({k.split(prefix, 1)[1]: v for k, v in state.items() if prefix in k})
+    return backbone
+
+
 def invariance_during_training(cfg, engine, step: int, info) -> dict:
     """The training loop's hook (``eval.invariance_every`` > 0): at the first logged step at or after each
     multiple of ``invariance_every``, measure the teacher backbone's invariance on ``eval.invariance_images``
-    images of ``eval.invariance_data`` (default ``eval.val_path``) and return ``invariance_*`` metrics
-    (rank 0; other ranks get {}). Every rank must call it: gathering the teacher's weights may be
-    collective. The model's random streams are left untouched."""
+    images of ``eval.invariance_data`` (default ``eval.val_path``; a folder or a shard spec) and return
+    ``invariance_*`` metrics (rank 0; other ranks get {}). Every rank must call it: gathering the teacher's
+    weights may be collective. The model's random streams are left untouched."""
     e = cfg.eval
     if e.invariance_every <= 0 or step % e.invariance_every >= cfg.train.log_every:
         return {}
@@ -184,16 +213,8 @@ def invariance_during_training(cfg, engine, step: int, info) -> dict:
         log.warning("eval.invariance_every is set but neither eval.invariance_data nor eval.val_path is")
         return {}
     with torch.random.fork_rng(devices=[]):
-        backbone = _HOOK_BACKBONES.get(engine)
-        if backbone is None:
-            from ..models.backbone import ViTBackbone, create_vit
-            backbone = ViTBackbone(create_vit(cfg.model, cfg.data.global_size, 0.0),
-                                   mask_token=cfg.image_loss.kind == "ibot").to(info.device)
-            _HOOK_BACKBONES[engine] = backbone
-        prefix = "backbone."
-        sd = {k.split(prefix, 1)[1]: v for k, v in state.items() if prefix in k}
-        backbone.load_state_dict(sd)
-        res = measure_invariance(backbone, list_images(root, e.invariance_images), cfg, "train",
+        backbone = hook_backbone(cfg, engine, state, info.device)
+        res = measure_invariance(backbone, eval_images(root, e.invariance_images), cfg, "train",
                                  batch_size=cfg.data.batch_size, seed=cfg.train.seed, device=info.device)
     return {f"invariance_{k}": res[k] for k in ("spatial", "channel", "spatial_ratio", "channel_ratio",
                                                   "spatial_tv", "channel_tv")}

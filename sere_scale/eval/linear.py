@@ -19,23 +19,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.evaldata import source_id
 from .features import extract_features
+from .knn import num_classes
 
 DEFAULT_LRS = (0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 # ------------------------------------------------------------------------------------------ feature cache
-def cached_features(backbone, root: str, size: int, cache_dir: str | Path, key: dict, batch_size: int = 64,
-                    device="cpu") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``extract_features`` once per (key, folder, size): stored as ``cache_dir/<hash>.pt`` and reused."""
-    full_key = {**key, "root": str(Path(root).resolve()), "size": int(size)}
+def cached_features(backbone, root, size: int, cache_dir: str | Path, key: dict, batch_size: int = 64,
+                    device="cpu", split: str | None = None, num_workers: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    """``extract_features`` once per (key, data, size): stored as ``cache_dir/<hash>.pt`` and reused. The data
+    are identified by the resolved folder, or by the shard URLs and counts (``evaldata.source_id``)."""
+    full_key = {**key, **source_id(root, split), "size": int(size)}
     digest = hashlib.sha1(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"features_{digest}.pt"
     if path.exists():
         blob = torch.load(path, map_location="cpu", weights_only=False)
         if blob.get("key") == full_key:
             return blob["feats"], blob["labels"], blob["classes"]
-    feats, labels, classes = extract_features(backbone, root, size, batch_size, device)
+    feats, labels, classes = extract_features(backbone, root, size, batch_size, device, num_workers, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"key": full_key, "feats": feats, "labels": labels, "classes": classes}, tmp)
@@ -110,15 +114,20 @@ def linear_probe(train_f, train_y, val_f, val_y, num_classes: int, lrs=DEFAULT_L
             "epochs": epochs, "n_train": n, "n_val": int(val_f.shape[0])}
 
 
-def linear_accuracy(backbone, train_root: str, val_root: str, size: int, cache_dir: str | Path, key: dict,
-                    lrs=DEFAULT_LRS, epochs: int = 100, batch_size: int = 64, device="cpu") -> dict:
-    """Features of both folders (cached under ``cache_dir``), then :func:`linear_probe`."""
-    tr_f, tr_y, classes = cached_features(backbone, train_root, size, cache_dir, key, batch_size, device)
-    va_f, va_y, va_classes = cached_features(backbone, val_root, size, cache_dir, key, batch_size, device)
-    if va_classes != classes:
-        raise ValueError(f"class folders differ between '{train_root}' and '{val_root}'")
-    return linear_probe(tr_f.to(device), tr_y.to(device), va_f.to(device), va_y.to(device), len(classes),
-                        lrs, epochs)
+def linear_accuracy(backbone, train_root, val_root, size: int, cache_dir: str | Path, key: dict,
+                    lrs=DEFAULT_LRS, epochs: int = 100, batch_size: int = 64, device="cpu",
+                    num_workers: int = 0) -> dict:
+    """Features of both data sets (image folders or shard specs, ``_info.json`` specs defaulting to their
+    ``train`` / ``val`` split; cached under ``cache_dir``), then :func:`linear_probe`."""
+    tr_f, tr_y, classes = cached_features(backbone, train_root, size, cache_dir, key, batch_size, device, "train",
+                                          num_workers)
+    va_f, va_y, va_classes = cached_features(backbone, val_root, size, cache_dir, key, batch_size, device, "val",
+                                             num_workers)
+    try:
+        n_cls = num_classes(classes, va_classes, tr_y, va_y)
+    except ValueError:
+        raise ValueError(f"classes differ between '{train_root}' and '{val_root}'") from None
+    return linear_probe(tr_f.to(device), tr_y.to(device), va_f.to(device), va_y.to(device), n_cls, lrs, epochs)
 
 
 def linear_main(args) -> int:
@@ -130,7 +139,7 @@ def linear_main(args) -> int:
     lrs = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else DEFAULT_LRS
     size = cfg.eval.eval_size or cfg.data.global_size
     res = linear_accuracy(net.backbone, args.train_data, args.val_data, size, out, key, lrs, args.epochs,
-                          args.batch_size, args.device)
+                          args.batch_size, args.device, args.workers)
     res["checkpoint"], res["random_init"] = str(ckpt_dir), bool(args.random_init)
     out.mkdir(parents=True, exist_ok=True)
     name = "linear_random_init.json" if args.random_init else "linear.json"
