@@ -5,7 +5,6 @@ The images are a subset of the embedded digits saved as baseline JPEGs: sere-pre
 (PNGs would be re-encoded, changing the pixels), so the folder and the shards hold the very same bytes."""
 import json
 import logging
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from sere_scale.data.evaldata import ShardImages, is_shard_spec, iter_rgb, sourc
 from sere_scale.data.folder import load_rgb, scan_folder
 from sere_scale.eval.features import extract_features
 from sere_scale.eval.knn import knn_accuracy
+from tests.data_plane_fixtures import read_tar_samples
 
 PER_CLASS = {"train": 24, "val": 8}  # 240 / 80 images
 
@@ -79,11 +79,9 @@ def test_shard_labels_are_the_folder_class_indices(trees):
     assert info["classes"] == classes == ImageFolder(str(src / "train")).classes
     n = 0
     for name in info["splits"]["val"]["filenames"]:
-        with tarfile.open(out / name) as tf:
-            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
-        for key in {m.rsplit(".", 1)[0] for m in members}:
-            meta = json.loads(members[f"{key}.json"])
-            assert int(members[f"{key}.cls"]) == classes.index(Path(meta["path"]).parent.name) == meta["label"]
+        for sample in read_tar_samples(out / name).values():
+            meta = json.loads(sample["json"])
+            assert int(sample["cls"]) == classes.index(Path(meta["path"]).parent.name) == meta["label"]
             n += 1
     assert n == 80
 
@@ -113,19 +111,22 @@ def test_features_and_knn_from_shards_equal_the_folder(trees, tmp_path):
     assert knn_accuracy(bb, out, out, 32, k=10, batch_size=1) == ref
     assert knn_accuracy(bb, src / "train", f"{out}#val", 32, k=10, batch_size=1) == ref
     assert ref["n_train"] == 240 and ref["n_val"] == 80 and ref["n_corrupt_val"] == 0
+    # the linear probe reads the same shards; train and val features are cached apart
+    from sere_scale.eval.linear import linear_accuracy
+    res = linear_accuracy(bb, out, out, 32, tmp_path / "cache", {"b": "tiny"}, lrs=(1.0,), epochs=3)
+    assert res["n_train"] == 240 and res["n_val"] == 80 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
 def test_corrupt_samples_are_skipped_and_counted(trees, tmp_path, caplog):
     src, out = trees
     info = json.loads((out / "_info.json").read_text())["splits"]["val"]
-    good = tarfile.open(out / info["filenames"][0])
-    members = {m.name: good.extractfile(m).read() for m in good if m.isfile()}
-    keys = sorted({m.rsplit(".", 1)[0] for m in members}, key=lambda k: list(members).index(f"{k}.jpg"))
+    samples = list(read_tar_samples(out / info["filenames"][0]).items())[:4]
     w = ShardTarWriter(tmp_path / "bad-000000.tar", fsync=False)
-    w.add(keys[0], {"jpg": members[f"{keys[0]}.jpg"], "cls": members[f"{keys[0]}.cls"]})
-    w.add(keys[1], {"jpg": b"\xff\xd8 not a jpeg", "cls": members[f"{keys[1]}.cls"]})  # undecodable
-    w.add(keys[2], {"jpg": members[f"{keys[2]}.jpg"]})  # no label
-    w.add(keys[3], {"jpg": members[f"{keys[3]}.jpg"], "cls": members[f"{keys[3]}.cls"]})
+    (k0, s0), (k1, s1), (k2, s2), (k3, s3) = samples
+    w.add(k0, {"jpg": s0["jpg"], "cls": s0["cls"]})
+    w.add(k1, {"jpg": b"\xff\xd8 not a jpeg", "cls": s1["cls"]})  # undecodable
+    w.add(k2, {"jpg": s2["jpg"]})  # no label
+    w.add(k3, {"jpg": s3["jpg"], "cls": s3["cls"]})
     w.commit()
     (tmp_path / "bad.txt").write_text(f"bad-000000.tar 5\n{out / info['filenames'][1]}\n")  # 5: one sample lost
     st = {}
@@ -133,7 +134,7 @@ def test_corrupt_samples_are_skipped_and_counted(trees, tmp_path, caplog):
         f, y, _ = extract_features(tiny_backbone(), tmp_path / "bad.txt", 32, batch_size=2, stats=st)
     n2 = info["shard_lengths"][1]
     assert st == {"n": 2 + n2, "n_corrupt": 3} and len(y) == f.shape[0] == 2 + n2
-    assert [int(members[f"{k}.cls"]) for k in (keys[0], keys[3])] == y[:2].tolist()
+    assert [int(s0["cls"]), int(s3["cls"])] == y[:2].tolist()
     text = caplog.text
     assert "skipped 3 corrupt" in text and "no 'cls' member" in text and "missing" in text
 
