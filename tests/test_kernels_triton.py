@@ -110,3 +110,34 @@ def test_unsupported_dtype_is_rejected():
     s, t = make_inputs(1, 2, 3, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="unsupported student dtype"):
         relation_ce_rows_triton(s, t.float(), 1.0, 1.0)
+
+
+TF32_STATES = r"""
+import torch
+from sere_scale.kernels.triton_relation import cuda_matmul_allows_tf32 as allowed
+out = [allowed()]
+torch.backends.cuda.matmul.allow_tf32 = True  # the legacy flag
+out.append(allowed())
+torch.backends.cuda.matmul.allow_tf32 = False
+out.append(allowed())
+torch.backends.cuda.matmul.fp32_precision = "tf32"  # the new API: from here on the legacy getter raises
+out.append(allowed())
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+out.append(allowed())
+torch.backends.fp32_precision = "tf32"  # inherited by matmul's "none"
+torch.backends.cuda.matmul.fp32_precision = "none"
+out.append(allowed())
+print(out)
+"""
+
+
+def test_tf32_setting_is_read_through_either_api():
+    """fp32 operands pick IEEE or TF32 products from torch's cuBLAS setting; a program that set the new
+    ``fp32_precision`` API must not crash the kernel (reading the legacy ``allow_tf32`` then raises)."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", TF32_STATES], check=False, env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[False, True, False, True, False, True]"

@@ -149,10 +149,21 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
+def cuda_matmul_allows_tf32() -> bool:
+    """Whether fp32 matmuls may use TF32, as torch's cuBLAS setting says. Read through the new precision API
+    (torch >= 2.9: ``torch.backends.cuda.matmul.fp32_precision``, which also reflects the legacy flag and the
+    inherited ``torch.backends.fp32_precision``): once a program has set the new API, reading the legacy
+    ``allow_tf32`` raises a RuntimeError."""
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if prec is not None:
+        return prec == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _flags(x: torch.Tensor):
-    """(UPCAST, IEEE) constexprs for an operand."""
+    """(UPCAST, IEEE) constexprs for an operand: fp32 operands use IEEE products unless torch allows TF32."""
     upcast = interpreting() and x.dtype == torch.bfloat16
-    ieee = x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    ieee = x.dtype == torch.float32 and not (x.is_cuda and cuda_matmul_allows_tf32())
     return upcast, ieee
 
 
