@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from . import add_kernel_flops
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -186,6 +188,7 @@ class _TritonRelationCE(torch.autograd.Function):
                                num_warps=blocks.num_warps)
         ctx.save_for_backward(s, t, lse_s, lse_t)
         ctx.meta = (student_scale, teacher_scale, blocks, block_k)
+        add_kernel_flops(2 * groups * rows * rows * (ds + dt))  # the two Gram matrices
         return ce.mean(-1)
 
     @staticmethod
@@ -205,6 +208,7 @@ class _TritonRelationCE(torch.autograd.Function):
                                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=block_k, BLOCK_D=block_d,
                                UPCAST_S=up_s, UPCAST_T=up_t, IEEE_S=ieee_s, IEEE_T=ieee_t,
                                num_warps=blocks.num_warps)
+        add_kernel_flops(4 * groups * rows * rows * ds)  # (dS + dSᵀ) X: two R×R by R×Ds products
         return dx, None, None, None, None
 
 
