@@ -103,6 +103,24 @@ def test_cuda_decode_waits_for_the_callers_stream(files, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+def test_cuda_routing_and_results(files):
+    """The batched nvJPEG call (baseline, progressive and grey JPEGs together) and the PIL fallback on CUDA."""
+    names = list(files)
+    st = DecodeStats()
+    out = dict(zip(names, decode_images([files[n] for n in names], "cuda", st)))
+    assert out["garbage"] is None and out["empty"] is None
+    assert st.fallback == 3 and st.device >= 3 and st.device + st.fallback + st.failed == len(names)
+    assert st.failed in (2, 3)  # nvJPEG may decode what the truncated file holds (PIL rejects it)
+    for n in ("baseline", "progressive", "grey", "cmyk", "png", "palette_png"):
+        got, ref = out[n], pil_rgb(files[n])
+        assert got.is_cuda and got.dtype == torch.uint8 and got.shape == (3, 30, 40), n
+        # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a few levels at most
+        assert (got.cpu().float() - ref.float()).abs().mean() < 3.0, n
+    assert torch.equal(out["png"].cpu(), pil_rgb(files["png"]))
+    assert torch.equal(out["grey"][0], out["grey"][2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
 def test_cuda_decode_does_not_write_into_memory_in_use():
     """Free tensors while reductions over them are still queued behind a long kernel, then decode: the decoded
     images may reuse their blocks, and must not change what the queued reductions read (pytorch/vision#9606)."""
