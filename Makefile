@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: env test demo lint bench clean
+.PHONY: env test demo lint bench clean wheels gpu-dry-run
 
 env: $(STAMP)
 
@@ -28,6 +28,14 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sere_scale data_prep tests benchmarks
+
+# .whl/: deepspeed, webdataset and their missing needs as wheels for the GPU machine (Python 3.12, x86-64)
+wheels: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/prepare_wheels.sh
+
+# the GPU session's plumbing on this CPU (tiny sizes, plus steps that fail, hang and get skipped)
+gpu-dry-run: $(STAMP)
+	DEVICE=cpu SELFTEST=1 PYTHON=$(abspath $(PY)) OUT=$(abspath runs/gpu_session_dry) bash benchmarks/gpu_session.sh
 
 clean:
 	rm -rf runs demo_data .pytest_cache

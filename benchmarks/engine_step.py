@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=["ddp", "fsdp", "zero2", "zero3"], choices=sorted(BACKENDS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", default=None, help="also write the rows (and failures) to this JSON file")
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="config overrides (key=value)")
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    rows = []
+    rows, records, device = [], [], "?"
     with tempfile.TemporaryDirectory() as tmp:
         for b in args.backends:
             out = Path(tmp) / f"{b}.json"
@@ -148,18 +149,31 @@ def main(argv=None) -> int:
                    *(["--tiny"] if args.tiny else []), *args.overrides]
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if res.returncode != 0:
-                print(f"| {b} | failed: {res.stderr.strip().splitlines()[-1][:200]} |", flush=True)
+                lines = res.stderr.strip().splitlines() or ["(no output)"]
+                print(f"# {b} failed (exit {res.returncode}); the end of its output:", file=sys.stderr)
+                print("\n".join(lines[-40:]), file=sys.stderr, flush=True)
+                err = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1]).strip()
+                rows.append(f"| {b} | failed: {err[:200]} | | | |")
+                records.append({"backend": b, "error": err[:500], "returncode": res.returncode})
                 continue
             r = json.loads(out.read_text())
             ms = max(x["ms_median"] for x in r["ranks"])
+            peak = max(x["peak"] for x in r["ranks"]) / 2**30
             rows.append(f"| {b} | {r['ranks'][0]['precision']} | {ms:.1f} | {r['global_batch'] / ms * 1e3:.1f} | "
-                        f"{max(x['peak'] for x in r['ranks']) / 2**30:.2f} |")
+                        f"{peak:.2f} |")
             device = r["ranks"][0]["device"]
-    print(f"{args.nproc} x {device if rows else '?'}; `{' '.join(['python', *sys.argv])}`\n")
-    print("| backend | precision | ms/step (median, slowest rank) | images/s | peak memory GiB (max rank) |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
-    return 0
+            records.append({"backend": b, "precision": r["ranks"][0]["precision"], "ms_median": ms,
+                            "img_per_s": r["global_batch"] / ms * 1e3, "peak_gib": peak,
+                            "global_batch": r["global_batch"], "device": device, "ranks": r["ranks"]})
+    head = f"{args.nproc} x {device}; `{' '.join(['python', *sys.argv])}`"
+    lines = [head, "", "| backend | precision | ms/step (median, slowest rank) | images/s | "
+             "peak memory GiB (max rank) |", "|---|---|---|---|---|", *rows]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"header": head, "nproc": args.nproc, "overrides": args.overrides,
+                                              "steps": args.steps, "warmup": args.warmup, "rows": records,
+                                              "table": "\n".join(lines[2:])}, indent=1))
+    return 0 if all("error" not in r for r in records) else 1
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--block-elems", type=int, default=None, help="chunked slab budget (elements)")
     p.add_argument("--no-isolate", action="store_true", help="CPU: measure in-process (memory then unreliable)")
+    p.add_argument("--json", default=None, help="also write the rows and the table to this JSON file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -212,9 +213,16 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({args.threads} threads)"
     budget = chunked.DEFAULT_BLOCK_ELEMS_CUDA if args.device == "cuda" else chunked.DEFAULT_BLOCK_ELEMS
-    print(f"device: {dev}, dtype: {args.dtype}, repeats: {args.repeats} (median), "
-          f"chunked block budget: {budget} elements\n")
+    head = (f"device: {dev}, dtype: {args.dtype}, repeats: {args.repeats} (median), "
+            f"chunked block budget: {budget} elements")
+    print(head + "\n")
     print(table(rows))
+    if args.json:
+        out = {"header": head, "device": dev, "dtype": args.dtype, "repeats": args.repeats, "torch": torch.__version__,
+               "rows": [{"size": size[0], "G": size[1], "R": size[2], "Ds": size[3], "Dt": size[4], "impl": impl,
+                         **res} for size, impl, res, _ in rows],
+               "table": table(rows)}
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

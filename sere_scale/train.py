@@ -47,15 +47,16 @@ class LiveMFU:
         self._tried = True
         from torch.utils.flop_counter import FlopCounterMode
 
+        from .kernels import tally_kernel_flops
         from .profiling.flops import _cpu_sdpa_mapping, device_peak
         self.peak, _ = device_peak(self.device, self.precision)
         mode = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping())
 
         @contextlib.contextmanager
         def ctx():
-            with mode:
+            with tally_kernel_flops() as kernels, mode:  # + the fused Triton kernels FlopCounterMode cannot see
                 yield
-            self.flops_per_step = int(mode.get_total_flops())
+            self.flops_per_step = int(mode.get_total_flops()) + kernels[0]
         return ctx()
 
     def value(self, steps: int, seconds: float) -> float:

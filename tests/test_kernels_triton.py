@@ -34,7 +34,7 @@ CASES = {
 
 RUNNER = r"""
 import sys, torch
-from sere_scale.kernels import relation_cross_entropy
+from sere_scale.kernels import relation_cross_entropy, tally_kernel_flops
 from sere_scale.kernels.plain import weighted_mean
 from sere_scale.kernels.triton_relation import TritonBlocks, relation_ce_rows_triton
 cases, device = torch.load(sys.argv[1]), sys.argv[3]
@@ -43,12 +43,13 @@ for name, (s, t, a, b, w, blocks) in cases.items():
     s = s.to(device).requires_grad_(True)
     t = t.to(device).requires_grad_(True)
     w = None if w is None else w.to(device)
-    if blocks is None:
-        loss = relation_cross_entropy(s, t, a, b, weights=w, impl="triton")
-    else:
-        loss = weighted_mean(relation_ce_rows_triton(s, t, a, b, TritonBlocks(**blocks)), w)
-    g_s, g_t = torch.autograd.grad(loss, [s, t], allow_unused=True)
-    out[name] = (loss.detach().cpu(), g_s.cpu(), g_t is None or bool((g_t == 0).all()))
+    with tally_kernel_flops() as flops:
+        if blocks is None:
+            loss = relation_cross_entropy(s, t, a, b, weights=w, impl="triton")
+        else:
+            loss = weighted_mean(relation_ce_rows_triton(s, t, a, b, TritonBlocks(**blocks)), w)
+        g_s, g_t = torch.autograd.grad(loss, [s, t], allow_unused=True)
+    out[name] = (loss.detach().cpu(), g_s.cpu(), g_t is None or bool((g_t == 0).all()), flops[0])
 torch.save(out, sys.argv[2])
 """
 
@@ -85,7 +86,7 @@ def results(request, tmp_path_factory):
 def test_triton_matches_reference(results, name):
     inputs, outputs = results
     s, t, a, b, w, _ = inputs[name]
-    loss, g_s, teacher_grad_zero = outputs[name]
+    loss, g_s, teacher_grad_zero, _ = outputs[name]
     *_, loss_rtol, grad_rtol = CASES[name]
     assert teacher_grad_zero
     assert loss.dtype == torch.float32 and g_s.dtype == s.dtype and g_s.shape == s.shape
@@ -96,6 +97,13 @@ def test_triton_matches_reference(results, name):
     ref, ref_g = reference_loss(s, t, a, b, w), reference_grad(s, t, a, b, w)
     torch.testing.assert_close(loss.double(), ref, rtol=loss_rtol, atol=loss_rtol * max(1.0, ref.abs().item()))
     torch.testing.assert_close(g_s.double(), ref_g, rtol=grad_rtol, atol=grad_rtol * ref_g.abs().max().item())
+
+
+def test_triton_reports_its_flops(results):
+    """FlopCounterMode cannot see the kernels: they add the plain implementation's model FLOPs to the tally."""
+    _, outputs = results
+    for name, (G, R, Ds, Dt, *_) in CASES.items():
+        assert outputs[name][3] == 2 * G * R * R * (Ds + Dt) + 4 * G * R * R * Ds, name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -110,3 +118,34 @@ def test_unsupported_dtype_is_rejected():
     s, t = make_inputs(1, 2, 3, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="unsupported student dtype"):
         relation_ce_rows_triton(s, t.float(), 1.0, 1.0)
+
+
+TF32_STATES = r"""
+import torch
+from sere_scale.kernels.triton_relation import cuda_matmul_allows_tf32 as allowed
+out = [allowed()]
+torch.backends.cuda.matmul.allow_tf32 = True  # the legacy flag
+out.append(allowed())
+torch.backends.cuda.matmul.allow_tf32 = False
+out.append(allowed())
+torch.backends.cuda.matmul.fp32_precision = "tf32"  # the new API: from here on the legacy getter raises
+out.append(allowed())
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+out.append(allowed())
+torch.backends.fp32_precision = "tf32"  # inherited by matmul's "none"
+torch.backends.cuda.matmul.fp32_precision = "none"
+out.append(allowed())
+print(out)
+"""
+
+
+def test_tf32_setting_is_read_through_either_api():
+    """fp32 operands pick IEEE or TF32 products from torch's cuBLAS setting; a program that set the new
+    ``fp32_precision`` API must not crash the kernel (reading the legacy ``allow_tf32`` then raises)."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", TF32_STATES], check=False, env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[False, True, False, True, False, True]"

@@ -117,3 +117,12 @@ def test_profile_command_with_baseline(tmp_path, digits_root):
     # the full SERE step does strictly more work than the bare backbones
     assert res["baseline_img_per_s"] > 0 and res["speed_vs_baseline"] < 1.0
     assert "bare-backbone baseline" in (tmp_path / "profile.md").read_text()
+
+
+def test_count_flops_adds_what_the_fused_kernels_report():
+    from sere_scale.kernels import add_kernel_flops
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    assert count_flops(lambda: (a @ b, add_kernel_flops(1000))) == 2 * 8 * 16 * 4 + 1000
+    add_kernel_flops(5)  # outside a count: ignored
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4

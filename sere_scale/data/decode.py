@@ -94,6 +94,13 @@ def pil_decode(t: torch.Tensor) -> torch.Tensor | None:
 
 def _tv_decode(tensors: list, device: torch.device) -> list:
     from torchvision.io import ImageReadMode, decode_jpeg
+    if device.type == "cuda":
+        # torchvision allocates the outputs from the caller's stream, then nvJPEG writes them from its own stream
+        # without waiting for that one (the hardware engine writes as soon as it is called): a block freed while
+        # queued kernels still read it could be handed to the decoder and overwritten under them. Drain the
+        # caller's stream first (a host wait: a device-side event wait does not hold the hardware engine back;
+        # pytorch/vision#9606, meta-pytorch/torchcodec#1634).
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated (torchcodec)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)

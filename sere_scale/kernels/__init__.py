@@ -17,6 +17,8 @@ Implementations (``impl``; see docs/KERNELS.md):
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .chunked import relation_ce_rows_chunked
@@ -51,6 +53,30 @@ def resolve_impl(student: torch.Tensor, teacher: torch.Tensor, impl: str = "auto
     return "chunked"
 
 
+_TALLIES: list = []
+
+
+@contextlib.contextmanager
+def tally_kernel_flops():
+    """Yields a one-element list that sums the FLOPs of the Triton relation kernels run inside the block.
+
+    ``torch.utils.flop_counter`` sees aten operations only, so it counts the ``plain`` and ``chunked`` products but
+    not the fused kernels; FLOP counters (``profiling.flops.count_flops``, the training loop's MFU) add this sum.
+    The kernels report the model FLOPs of the plain implementation (both Gram matrices forward, the two products of
+    the student gradient backward), not the Gram tiles they recompute."""
+    box = [0]
+    _TALLIES.append(box)
+    try:
+        yield box
+    finally:
+        _TALLIES.remove(box)
+
+
+def add_kernel_flops(n: int) -> None:
+    for box in _TALLIES:
+        box[0] += int(n)
+
+
 _ROWS = {"plain": relation_ce_rows, "chunked": relation_ce_rows_chunked, "triton": _triton_rows}
 
 
@@ -71,4 +97,5 @@ def relation_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, student
     return weighted_mean(rows(student, teacher, student_scale, teacher_scale), weights)
 
 
-__all__ = ["IMPLS", "relation_cross_entropy", "resolve_impl", "triton_available"]
+__all__ = ["IMPLS", "add_kernel_flops", "relation_cross_entropy", "resolve_impl", "tally_kernel_flops",
+           "triton_available"]

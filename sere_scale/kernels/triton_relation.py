@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from . import add_kernel_flops
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -149,10 +151,21 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
+def cuda_matmul_allows_tf32() -> bool:
+    """Whether fp32 matmuls may use TF32, as torch's cuBLAS setting says. Read through the new precision API
+    (torch >= 2.9: ``torch.backends.cuda.matmul.fp32_precision``, which also reflects the legacy flag and the
+    inherited ``torch.backends.fp32_precision``): once a program has set the new API, reading the legacy
+    ``allow_tf32`` raises a RuntimeError."""
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if prec is not None:
+        return prec == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _flags(x: torch.Tensor):
-    """(UPCAST, IEEE) constexprs for an operand."""
+    """(UPCAST, IEEE) constexprs for an operand: fp32 operands use IEEE products unless torch allows TF32."""
     upcast = interpreting() and x.dtype == torch.bfloat16
-    ieee = x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    ieee = x.dtype == torch.float32 and not (x.is_cuda and cuda_matmul_allows_tf32())
     return upcast, ieee
 
 
@@ -175,6 +188,7 @@ class _TritonRelationCE(torch.autograd.Function):
                                num_warps=blocks.num_warps)
         ctx.save_for_backward(s, t, lse_s, lse_t)
         ctx.meta = (student_scale, teacher_scale, blocks, block_k)
+        add_kernel_flops(2 * groups * rows * rows * (ds + dt))  # the two Gram matrices
         return ce.mean(-1)
 
     @staticmethod
@@ -194,6 +208,7 @@ class _TritonRelationCE(torch.autograd.Function):
                                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=block_k, BLOCK_D=block_d,
                                UPCAST_S=up_s, UPCAST_T=up_t, IEEE_S=ieee_s, IEEE_T=ieee_t,
                                num_warps=blocks.num_warps)
+        add_kernel_flops(4 * groups * rows * rows * ds)  # (dS + dSᵀ) X: two R×R by R×Ds products
         return dx, None, None, None, None
 
 

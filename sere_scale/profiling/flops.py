@@ -32,10 +32,12 @@ def _cpu_sdpa_mapping() -> dict:
 
 
 def count_flops(fn) -> int:
-    """Total FLOPs of the matmuls/convolutions/attention run by ``fn()`` (forward and backward)."""
-    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as fc:
+    """Total FLOPs of the matmuls/convolutions/attention run by ``fn()`` (forward and backward), the fused Triton
+    relation kernels included (invisible to ``FlopCounterMode``; they report their own)."""
+    from ..kernels import tally_kernel_flops
+    with tally_kernel_flops() as kernels, FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as fc:
         fn()
-    return int(fc.get_total_flops())
+    return int(fc.get_total_flops()) + kernels[0]
 
 
 def vit_forward_flops(n_tokens: int, dim: int, depth: int, patch: int, mlp_ratio: float = 4.0,
