@@ -131,7 +131,7 @@ class EngineConfig:
     zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
     fsdp_strategy: Literal["full", "grad_op", "hybrid"] = "full"
     fsdp_node_size: int = 0  # hybrid: ranks per shard group (one node); 0 = ranks per node from the launcher
-    compile: bool = False  # torch.compile each transformer block (GPU runs; first call is slow)
+    compile: bool = False  # torch.compile each transformer block in place (any device; first steps slow)
     deepspeed_config: str = ""  # a user JSON merged on top of the generated one
 
 

@@ -12,7 +12,8 @@ independent expectations:
 
 (tests/test_losses.py: under fp16 autocast the losses keep their softmaxes, logits and centers in fp32.)
 
-One 2-rank launch (tests/dist/engines_run.py) holds every training run.
+One 2-rank launch (tests/dist/engines_run.py) holds every training run, and also runs FSDP with
+``engine.compile=true`` (tests/test_compile.py covers compile under DDP).
 """
 import math
 import shutil
@@ -53,6 +54,11 @@ def runs(tmp_path_factory, data48):
                      "snap_calls": [1, 3, 5], "ema": 0.75, **({} if n == "zero2" else {"grads_at": 1})})
         jobs.append({"name": f"{n}_resumed", "overrides": overrides(tmp / f"{n}_resumed", data48, n, *FP16),
                      "resume_from": {"run": str(tmp / n), "step": 3}})
+    # engine.compile under FSDP with activation checkpointing (inductor), fp32: the reference's curve
+    jobs.append({"name": "fsdp_compiled", "overrides": overrides(tmp / "fsdp_compiled", data48, "fsdp", *skip32,
+                                                                 "engine.compile=true",
+                                                                 "model.checkpoint_activations=true"),
+                 "nan_at": INF_AT})
     return tmp, run_jobs(tmp, 2, jobs)
 
 
@@ -159,6 +165,15 @@ def test_the_ema_runs_in_fp32_on_the_master_weights_under_fp16(runs, name):
     assert e["student_teacher_gap"] > 1e-6
     if name == "zero2":  # DeepSpeed's module holds fp16 copies; the teacher followed the fp32 masters
         assert e["compute_copy_differs"] and not e["equal_to_ema_of_compute_copy"]
+
+
+def test_compiled_fsdp_with_activation_checkpointing_reproduces_the_eager_curve(runs):
+    tmp, rep = runs
+    a, b = read_metrics(tmp / "ref32"), read_metrics(tmp / "fsdp_compiled")
+    assert rep["fsdp_compiled"]["step"] == 6 and [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        for k in CURVE_KEYS:
+            assert rb[k] == pytest.approx(ra[k], rel=2e-5, abs=1e-7), (ra["step"], k, ra[k], rb[k])
 
 
 def test_an_fp32_checkpoint_resumes_in_fp16_with_the_configured_scaler(tmp_path, data48):
