@@ -54,6 +54,10 @@ def runs(tmp_path_factory, data48):
                      "snap_calls": [1, 3, 5], "ema": 0.75, **({} if n == "zero2" else {"grads_at": 1})})
         jobs.append({"name": f"{n}_resumed", "overrides": overrides(tmp / f"{n}_resumed", data48, n, *FP16),
                      "resume_from": {"run": str(tmp / n), "step": 3}})
+    # FSDP: an inf in rank 1's gradient shard only (after the reduce-scatter), before step 2
+    jobs.append({"name": "fsdp_shard_inf", "overrides": overrides(tmp / "fsdp_shard_inf", data48, "fsdp", *FP16,
+                                                                  "train.max_steps=3"),
+                 "shard_inf_at": {"step": SKIPPED, "rank": 1}})
     # engine.compile under FSDP with activation checkpointing (inductor), fp32: the reference's curve
     jobs.append({"name": "fsdp_compiled", "overrides": overrides(tmp / "fsdp_compiled", data48, "fsdp", *skip32,
                                                                  "engine.compile=true",
@@ -129,6 +133,14 @@ def test_an_inf_gradient_on_one_rank_skips_the_step_everywhere_and_halves_the_sc
     assert non_finite == {SKIPPED}  # only the injected one: no natural overflow at these scales
     assert [r["loss_scale"] for r in rows] == expected_scales(non_finite, 6, deepspeed=name == "zero2")
     assert [r["n_overflow"] for r in rows] == [0, 1, 1, 1, 1, 1]
+
+
+def test_fsdp_skips_on_every_rank_when_one_ranks_gradient_shard_holds_an_inf(runs):
+    tmp, rep = runs
+    rows = read_metrics(tmp / "fsdp_shard_inf")  # rank 0's log: it saw no inf itself
+    assert [r["loss_scale"] for r in rows] == expected_scales({SKIPPED}, 3)
+    assert [r["n_overflow"] for r in rows] == [0, 1, 1]
+    assert rep["fsdp_shard_inf"]["step"] == 3
 
 
 @pytest.mark.parametrize("name", ENGINES)

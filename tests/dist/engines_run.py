@@ -17,6 +17,8 @@ training run of some backend followed by checks against independent references. 
             keyed by parameter name: ``raw`` as backward left them, before the engine's step (scaled under
             fp16), ``seen`` as the optimizer's step sees them (after unscaling and clipping), ``norm`` the
             engine's returned norm and ``scale`` the loss scale then; DDP and FSDP),
+  shard_inf_at ({"step": n, "rank": r}: before optimizer step n, rank r sets one element of its local gradient
+                shard to inf; DDP and FSDP),
   resume_from ({"run": folder, "step": n}: copy that run, point its latest checkpoint at step n, resume).
 """
 import json
@@ -170,9 +172,11 @@ def full_grads(eng) -> dict:
 
 
 def instrument(eng, job, info, out_dir: Path) -> None:
-    """Wraps ``eng.step`` and the optimizer to save the gradients of step ``grads_at`` (every rank gathers)."""
-    at = job.get("grads_at")
-    if not at:
+    """Wraps ``eng.step`` and the optimizer to save the gradients of step ``grads_at`` (every rank gathers), and
+    to make one element of this rank's gradient shard inf before step ``shard_inf_at["step"]`` on rank
+    ``shard_inf_at["rank"]`` (after the reduction: no other rank sees it)."""
+    at, shard_inf = job.get("grads_at"), job.get("shard_inf_at")
+    if not at and not shard_inf:
         return
     calls, rec = {"n": 0}, {}
     orig = eng.step
@@ -185,6 +189,12 @@ def instrument(eng, job, info, out_dir: Path) -> None:
 
     def step(*a, **k):
         calls["n"] += 1
+        if shard_inf and calls["n"] == shard_inf["step"] and info.rank == shard_inf["rank"]:
+            for p in eng.student_module.parameters():
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                if g is not None and g.numel():
+                    g.view(-1)[0] = float("inf")
+                    break
         if calls["n"] == at:
             rec["raw"], rec["scale"] = full_grads(eng), eng.loss_scale()
         norm = orig(*a, **k)
