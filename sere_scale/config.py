@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # fp16 dynamic loss scaling, every engine: start at loss_scale_init (a power of 2), halve it and skip the
+    # step when a gradient is inf/NaN, double it after loss_scale_window steps without one
+    loss_scale_init: float = 65536.0
+    loss_scale_window: int = 1000
     nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
     log_mfu: bool = True  # count one step's FLOPs at start; log mfu and data_wait_pct
@@ -126,7 +131,7 @@ class EngineConfig:
     zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
     fsdp_strategy: Literal["full", "grad_op", "hybrid"] = "full"
     fsdp_node_size: int = 0  # hybrid: ranks per shard group (one node); 0 = ranks per node from the launcher
-    compile: bool = False  # torch.compile each transformer block (GPU runs; first call is slow)
+    compile: bool = False  # torch.compile each transformer block in place (any device; first steps slow)
     deepspeed_config: str = ""  # a user JSON merged on top of the generated one
 
 
@@ -302,6 +307,9 @@ def validate(cfg: Config) -> Config:
     req(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     req(t.max_steps is None or t.max_steps >= 0, "train.max_steps", "must be >= 0")
     req(t.epochs >= 1, "train.epochs", "must be >= 1")
+    req(t.loss_scale_init >= 1 and math.frexp(t.loss_scale_init)[0] == 0.5, "train.loss_scale_init",
+        "must be a power of 2, >= 1")
+    req(t.loss_scale_window >= 1, "train.loss_scale_window", "must be >= 1")
     req(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     req(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     req(cfg.engine.zero_stage in (1, 2, 3), "engine.zero_stage", "must be 1, 2 or 3")

@@ -43,7 +43,14 @@ def region_aligned_sample(features: torch.Tensor, view_boxes: torch.Tensor, flip
 
     Returns (B, C, size, size); row r / column c is cell (r, c) of the region, top→bottom and left→right in the
     original image's orientation, so two views sampled on one region align element by element.
+
+    The grid and the interpolation are fp32 (fp64 for fp64 features) for bf16/fp16 features too: a grid rounded
+    to bf16 would misplace cells by up to 2^-9 of the view's width (fp16: 2^-12). The result has the dtype it
+    would have with a plain ``grid_sample``: fp32 under autocast, otherwise the features' dtype.
     """
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    grid = region_grid(view_boxes, flips, regions, size, dtype).to(features.dtype)
-    return F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid = region_grid(view_boxes, flips, regions, size, dtype)
+    autocast = torch.is_autocast_enabled(features.device.type)
+    with torch.autocast(features.device.type, enabled=False):
+        out = F.grid_sample(features.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out if autocast else out.to(features.dtype)

@@ -137,7 +137,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     engine = build_engine(cfg, student, teacher, method, info)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.is_main)
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "n_corrupt": 0, "n_skipped": 0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "n_corrupt": 0, "n_skipped": 0, "n_overflow": 0}
     if resume:
         latest = find_latest(run_dir)
         if latest is None:
@@ -210,8 +210,14 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             metrics.close()
             raise NonFiniteLoss(msg)
         grad_norm = engine.step(s["lr"], s["wd"], s["epoch"] < cfg.optim.freeze_last_layer)
-        engine.ema_update(s["momentum"])
-        method.after_step()
+        if engine.step_skipped:
+            # fp16 overflow: the loss scaler skipped the optimiser step (and lowered the scale). The step is
+            # skipped as a whole, as under train.nonfinite=skip: the teacher does not move, the centers ignore it.
+            method.discard_pending()
+            state["n_overflow"] = state.get("n_overflow", 0) + 1
+        else:
+            engine.ema_update(s["momentum"])
+            method.after_step()
         state["step"] += 1
         if state["batch"] >= steps_per_epoch * accum:  # epoch end; leftover (batches % accum) micro-batches dropped
             state["epoch"] += 1
@@ -234,6 +240,9 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                    "data_wait_pct": 100.0 * window_wait / max(dt, 1e-9)}
             if mfu is not None and mfu.flops_per_step:
                 rec["mfu"] = mfu.value(window_steps, dt)
+            scale = engine.loss_scale()
+            if scale is not None:  # fp16: the scale after this step, and the steps skipped on overflow so far
+                rec["loss_scale"], rec["n_overflow"] = scale, state.get("n_overflow", 0)
             for key in outs[0]:
                 rec[key] = sum(float(o[key].detach()) for o in outs) / len(outs)
             if cfg.eval.invariance_every:

@@ -59,3 +59,21 @@ def test_gradients_flow_through_sampling():
     out = region_aligned_sample(f, box, torch.tensor([False]), torch.tensor([[0.2, 0.2, 0.6, 0.6]]), 3)
     out.sum().backward()
     assert f.grad.abs().sum() > 0
+
+
+def test_half_features_are_sampled_on_an_fp32_grid():
+    """bf16/fp16 features: the grid and the interpolation stay fp32 (a bf16 grid misplaces cells by up to 2^-9 of
+    the view); the result comes back in the features' dtype, or fp32 under autocast."""
+    torch.manual_seed(0)
+    f = torch.randn(2, 3, 14, 14)
+    box = torch.tensor([[0.03, 0.11, 0.97, 0.93], [0.0, 0.0, 1.0, 1.0]])
+    region = torch.tensor([[0.31, 0.27, 0.89, 0.91], [0.13, 0.52, 0.77, 0.99]])
+    flips = torch.tensor([False, True])
+    for dtype in (torch.bfloat16, torch.float16):
+        h = f.to(dtype)
+        ref = region_aligned_sample(h.float(), box, flips, region, 5)
+        out = region_aligned_sample(h, box, flips, region, 5)
+        assert out.dtype == dtype and torch.equal(out, ref.to(dtype))
+        with torch.autocast("cpu", dtype=dtype):
+            auto = region_aligned_sample(h, box, flips, region, 5)
+        assert auto.dtype == torch.float32 and torch.equal(auto, ref)

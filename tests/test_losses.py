@@ -142,3 +142,44 @@ def test_channel_loss_matches_formula_with_views_of_different_token_counts():
                      for b in range(B)]
             pairs.append(sum(per_b) / B)
     assert math.isclose(got.item(), sum(pairs) / len(pairs), rel_tol=1e-5)
+
+
+def _under_autocast_equals_fp32(fn, *inputs):
+    """``fn`` on fp16 inputs under fp16 autocast gives the value of ``fn`` on the same inputs in fp32 without
+    autocast (to fp32 rounding): whatever it computes stays in fp32. A matmul or softmax left to autocast would
+    be off by ~1e-3."""
+    from sere_scale.engine.base import cast_floating
+    plain = fn(*cast_floating(inputs, torch.float32))
+    with torch.autocast("cpu", dtype=torch.float16):
+        auto = fn(*inputs)
+    assert auto.dtype == torch.float32
+    assert math.isclose(float(auto), float(plain), rel_tol=1e-6), (float(auto), float(plain))
+
+
+def test_losses_keep_softmaxes_logits_and_centers_in_fp32_under_fp16_autocast():
+    from sere_scale.losses.mocov3 import MoCoV3Loss
+    torch.manual_seed(0)
+    h = torch.float16
+    s = [torch.randn(6, 32).to(h) * 4 for _ in range(4)]
+    t = [torch.randn(6, 32).to(h) * 4 for _ in range(2)]
+    _under_autocast_equals_fp32(lambda a, b: DINOLoss(32)(a, b, 0.04)[0], s, t)
+    _under_autocast_equals_fp32(lambda a, b: MoCoV3Loss(0.2)(a, b)[0], s, t)
+    sp = [torch.randn(6, 5, 32).to(h) * 4 for _ in range(2)]
+    tp = [torch.randn(6, 5, 32).to(h) * 4 for _ in range(2)]
+    masks = [torch.rand(6, 5) < 0.5 for _ in range(2)]
+    _under_autocast_equals_fp32(lambda a, b: IBOTPatchLoss(32)(a, b, masks, 0.04), sp, tp)
+    for impl in ("plain", "chunked"):
+        _under_autocast_equals_fp32(lambda a, b: ChannelRelationLoss(impl=impl)(b, a), sp, tp)
+        maps = [torch.randn(2, 32, 3, 3).to(h) * 4 for _ in range(3)]
+        boxes = torch.tensor([[[0.0, 0.0, 0.8, 0.9], [0.1, 0.2, 1.0, 1.0], [0.3, 0.3, 0.7, 0.7]]] * 2)
+        flips = torch.tensor([[0, 1, 0], [1, 0, 0]])
+        _under_autocast_equals_fp32(
+            lambda m: SpatialRelationLoss(4, 3, 2, impl=impl)(m[:2], m, boxes, flips, 2)[0], maps)
+    # the centers: accumulated and updated in fp32 under autocast, the same as without
+    plain, auto = DINOLoss(32), DINOLoss(32)
+    plain(s, t, 0.04)
+    with torch.autocast("cpu", dtype=torch.float16):
+        auto(s, t, 0.04)
+        auto.update_center()
+    plain.update_center()
+    assert auto.center.dtype == torch.float32 and torch.equal(auto.center, plain.center)

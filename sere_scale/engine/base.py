@@ -9,6 +9,9 @@ import numpy as np
 import torch
 
 
+LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
@@ -103,15 +106,19 @@ class Engine:
         self.device = info.device
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.student_module, self.teacher_module = student, teacher
+        # set by ``step``: the fp16 loss scaler found an inf/NaN gradient (on any rank) and the optimiser did
+        # not step; the loop then leaves the teacher and the centers alone too
+        self.step_skipped = False
+
+    def loss_scale(self) -> Optional[float]:
+        """The current fp16 loss scale (None without loss scaling)."""
+        return None
 
     # ------------------------------------------------------------------ forward
     def autocast(self):
-        if self.precision in ("bf16", "fp16") and self.device.type == "cuda":
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        if self.precision == "bf16" and self.device.type == "cpu":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16/fp16 autocast on any device (CPU autocast supports both); fp32: nothing."""
+        dtype = LOWP.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def no_sync(self, active: bool):
         """Context for micro-steps that must not all-reduce gradients (gradient accumulation)."""
@@ -122,7 +129,8 @@ class Engine:
         raise NotImplementedError
 
     def step(self, lr: float, wd: float, freeze_last_layer: bool) -> Optional[float]:
-        """Clip, apply lr/wd, step the optimiser, zero gradients; returns the gradient norm (or None)."""
+        """Clip, apply lr/wd, step the optimiser, zero gradients; returns the gradient norm (or None) and sets
+        ``step_skipped``."""
         raise NotImplementedError
 
     def zero_grad(self) -> None:
@@ -144,6 +152,32 @@ class Engine:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared helpers
+    def make_grad_scaler(self, cls=None):
+        """A torch grad scaler for DDP/FSDP: enabled for fp16 only, with ``train.loss_scale_init`` /
+        ``train.loss_scale_window`` (halved on every inf/NaN gradient, doubled after that many finite steps)."""
+        t = self.cfg.train
+        return (cls or torch.amp.GradScaler)(self.device.type, init_scale=float(t.loss_scale_init),
+                                             growth_interval=int(t.loss_scale_window),
+                                             enabled=(self.precision == "fp16"))
+
+    def load_grad_scaler(self, scaler, saved: dict) -> None:
+        """Restore the checkpoint's loss scale and growth count; the window stays ``train.loss_scale_window``.
+        A checkpoint written without loss scaling (fp32/bf16) leaves an fp16 run at ``train.loss_scale_init``."""
+        if scaler.is_enabled() and saved:
+            scaler.load_state_dict({**saved, "growth_interval": int(self.cfg.train.loss_scale_window)})
+
+    def scaled_step(self, scaler, optimizer) -> None:
+        """``scaler.step`` then ``scaler.update``; sets ``step_skipped`` as torch documents it (the scale went
+        down: an inf/NaN gradient was found and the optimiser step was skipped)."""
+        if not scaler.is_enabled():
+            optimizer.step()
+            self.step_skipped = False
+            return
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        self.step_skipped = scaler.get_scale() < before
+
     def set_lr_wd(self, optimizer, lr: float, wd: float) -> None:
         for g in optimizer.param_groups:
             g["lr"] = lr

@@ -26,7 +26,7 @@ class DDPEngine(Engine):
         o = cfg.optim
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=o.betas, fused=fused)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.precision == "fp16"))
+        self.scaler = self.make_grad_scaler()
         self._last = last_layer_params(student)
         self._pairs = self._ema_pairs(student, teacher)
 
@@ -68,10 +68,12 @@ class DDPEngine(Engine):
         clip = self.cfg.optim.clip_grad
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.set_lr_wd(self.optimizer, lr, wd)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.scaled_step(self.scaler, self.optimizer)
         self.zero_grad()
         return norm
+
+    def loss_scale(self):
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
     @torch.no_grad()
     def ema_update(self, momentum):
@@ -91,7 +93,7 @@ class DDPEngine(Engine):
         self.student_module.load_state_dict(sd["student"])
         self.teacher.load_state_dict(sd["teacher"])
         self.optimizer.load_state_dict(sd["optimizer"])
-        self.scaler.load_state_dict(sd["scaler"])
+        self.load_grad_scaler(self.scaler, sd["scaler"])
         self.method.load_state_dict(sd["method"])
         rng_file = os.path.join(ckpt_dir, f"rng_rank{self.info.rank:05d}.pt")
         if os.path.exists(rng_file):

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -80,8 +81,11 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
         "gradient_clipping": float(cfg.optim.clip_grad),
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # dynamic loss scaling as under DDP/FSDP (torch's GradScaler): halved at every overflow (hysteresis 1),
+        # doubled after train.loss_scale_window steps without one
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": int(math.log2(cfg.train.loss_scale_init)),
+                 "loss_scale_window": int(cfg.train.loss_scale_window), "hysteresis": 1, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -335,6 +339,8 @@ class DeepSpeedEngine(Engine):
                 g["lr"], g["weight_decay"] = 0.0, 0.0
         self.ds.step()
         self._pending = False
+        # fp16: DeepSpeed skipped the step on an inf/NaN gradient (overflow all-reduced over ranks)
+        self.step_skipped = not self.ds.was_step_applied()
         if freeze_last_layer:
             # no update happened; forget the step count too (a never-stepped parameter has none)
             for st in self._last_layer_states():
@@ -345,6 +351,9 @@ class DeepSpeedEngine(Engine):
                         st["step"] = 0
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    def loss_scale(self):
+        return float(self.ds.optimizer.loss_scale) if self.precision == "fp16" else None
 
     @torch.no_grad()
     def ema_update(self, momentum):

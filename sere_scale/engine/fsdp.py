@@ -149,11 +149,9 @@ class FSDPEngine(Engine):
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=o.betas, foreach=cuda)
         init_adamw_state(self.optimizer)
-        if self.precision == "fp16":
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-            self.scaler = ShardedGradScaler(self.device.type)
-        else:
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        # fp16: found-inf all-reduced over the process group (each rank checks only its gradient shards)
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        self.scaler = self.make_grad_scaler(ShardedGradScaler)
         self._last = last_layer_params(student)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         sp = dict(student.named_parameters())
@@ -198,10 +196,12 @@ class FSDPEngine(Engine):
         self.scaler.unscale_(self.optimizer)
         norm = clip_grad_norm_(self._params, self.cfg.optim.clip_grad)
         self.set_lr_wd(self.optimizer, lr, wd)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.scaled_step(self.scaler, self.optimizer)
         self.zero_grad()
         return norm
+
+    def loss_scale(self):
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
     @torch.no_grad()
     def ema_update(self, momentum):
@@ -228,7 +228,7 @@ class FSDPEngine(Engine):
         set_model_state_dict(self.teacher_module, state["teacher"])
         extra = torch.load(os.path.join(ckpt_dir, EXTRA_FILE), map_location=self.device, weights_only=False)
         self.method.load_state_dict(extra["method"])
-        self.scaler.load_state_dict(extra["scaler"])
+        self.load_grad_scaler(self.scaler, extra["scaler"])
         saved_world = extra.get("world_size", dist.get_world_size())
         rng_file = os.path.join(ckpt_dir, f"rng_rank{dist.get_rank():05d}.pt")
         if saved_world == dist.get_world_size() and os.path.exists(rng_file):

@@ -38,9 +38,11 @@ def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def contrastive_loss(q: torch.Tensor, k_all: torch.Tensor, offset: int, temperature: float):
     """(``CE(q̂ k_allᵀ / τ, arange(B) + offset) · 2τ``, fraction of queries whose own key scores highest).
-    ``q`` (B, D) unnormalised; ``k_all`` (N, D) already L2-normalised."""
-    q = F.normalize(q.float(), dim=1)
-    logits = q @ k_all.float().T / temperature
+    ``q`` (B, D) unnormalised; ``k_all`` (N, D) already L2-normalised. The logits and the softmax are fp32, under
+    autocast too (autocast would run the matmul in bf16/fp16)."""
+    with torch.autocast(q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)
+        logits = q @ k_all.float().T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + offset
     loss = F.cross_entropy(logits, labels) * (2 * temperature)
     with torch.no_grad():

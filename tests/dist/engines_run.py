@@ -9,7 +9,17 @@ training run of some backend followed by checks against independent references. 
   ema (momentum: after training, check shard-local EMA == EMA of the gathered fp32 parameters, bitwise),
   reload (a run folder written at another world size: rebuild the engine, load its latest checkpoint and
           compare the full state with that run's ref.pt bitwise) — then train as usual (resume from a copy),
-  nan_at (the loss of that forward call, counted from 1, is made NaN: with train.nonfinite=skip).
+  nan_at (the loss of that forward call, counted from 1, is made NaN: with train.nonfinite=skip),
+  inf_grad_at (the loss of that forward call on rank 0 keeps its value but back-propagates inf: the gradients
+               overflow, as an fp16 overflow would),
+  snap_calls (forward calls at whose start the full state, as ``full_state``, is saved to output_dir/snaps.pt),
+  grads_at (optimizer step, counted from 1, whose gradients are saved to output_dir/grads.pt, gathered and
+            keyed by parameter name: ``raw`` as backward left them, before the engine's step (scaled under
+            fp16), ``seen`` as the optimizer's step sees them (after unscaling and clipping), ``norm`` the
+            engine's returned norm and ``scale`` the loss scale then; DDP and FSDP),
+  shard_inf_at ({"step": n, "rank": r}: before optimizer step n, rank r sets one element of its local gradient
+                shard to inf; DDP and FSDP),
+  resume_from ({"run": folder, "step": n}: copy that run, point its latest checkpoint at step n, resume).
 """
 import json
 import shutil
@@ -26,6 +36,7 @@ from sere_scale.distributed import init_distributed
 from sere_scale.engine import build_engine
 from sere_scale.method import SEREMethod
 from sere_scale.models.network import build_student_teacher
+from sere_scale import train as train_module
 from sere_scale.train import train
 
 
@@ -102,7 +113,11 @@ def full_state(eng) -> dict:
     """Student, teacher (fp32), optimizer moments keyed by parameter name, centers: full, on CPU."""
     out = {"student": {k: v.cpu() for k, v in full_student_fp32(eng).items()},
            "teacher": {k: v.cpu() for k, v in full_teacher_fp32(eng).items()},
-           "method": {k: v.cpu() for k, v in eng.method.state_dict().items()}}
+           "method": {k: v.cpu().clone() for k, v in eng.method.state_dict().items()}}
+    if eng.name == "ddp":
+        names = {id(p): n for n, p in eng.student_module.named_parameters()}
+        out["optimizer"] = {f"{names[id(p)]}.{k}": torch.as_tensor(v).float().cpu().clone()
+                            for p, st in eng.optimizer.state.items() for k, v in st.items()}
     if eng.name == "deepspeed":
         # rank 0's flat fp32 partitions: AdamW moments and step counts
         zero = eng.ds.optimizer
@@ -133,6 +148,76 @@ def compare_states(a: dict, b: dict) -> dict:
     return res
 
 
+# ------------------------------------------------------------------------------- probes (fp16 tests)
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; the backward sends inf (an overflowing gradient) into the graph."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def full_grads(eng) -> dict:
+    """The student's gradients (fp32), gathered, keyed by parameter name; DDP and FSDP."""
+    out = {}
+    for n, p in eng.student_module.named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            out[n] = g.detach().float().cpu().clone()
+    return out
+
+
+def instrument(eng, job, info, out_dir: Path) -> None:
+    """Wraps ``eng.step`` and the optimizer to save the gradients of step ``grads_at`` (every rank gathers), and
+    to make one element of this rank's gradient shard inf before step ``shard_inf_at["step"]`` on rank
+    ``shard_inf_at["rank"]`` (after the reduction: no other rank sees it)."""
+    at, shard_inf = job.get("grads_at"), job.get("shard_inf_at")
+    if not at and not shard_inf:
+        return
+    calls, rec = {"n": 0}, {}
+    orig = eng.step
+
+    def pre_hook(optimizer, args, kwargs):
+        if calls["n"] == at:
+            rec["seen"] = full_grads(eng)
+
+    eng.optimizer.register_step_pre_hook(pre_hook)
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if shard_inf and calls["n"] == shard_inf["step"] and info.rank == shard_inf["rank"]:
+            for p in eng.student_module.parameters():
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                if g is not None and g.numel():
+                    g.view(-1)[0] = float("inf")
+                    break
+        if calls["n"] == at:
+            rec["raw"], rec["scale"] = full_grads(eng), eng.loss_scale()
+        norm = orig(*a, **k)
+        if calls["n"] == at:
+            rec["norm"], rec["skipped"] = float(norm), eng.step_skipped
+            if info.is_main:
+                torch.save(rec, out_dir / "grads.pt")
+        return norm
+    eng.step = step
+
+
+def resume_copy(src: Path, dst: Path, step: int, info) -> None:
+    """``dst``: a copy of run ``src`` whose latest checkpoint is the one of ``step`` (later ones removed)."""
+    if info.is_main:
+        shutil.copytree(src, dst)
+        ck = dst / "checkpoints"
+        for d in ck.glob("step_*"):
+            if int(d.name.split("_")[1]) > step:
+                shutil.rmtree(d)
+        (ck / "latest").write_text(f"step_{step:08d}")
+    dist.barrier()
+
+
 def main():
     report_path, jobs_json = sys.argv[1:]
     jobs = json.loads(Path(jobs_json).read_text())
@@ -157,22 +242,36 @@ def main():
                 shutil.copytree(src, cfg.output_dir)
             dist.barrier()
             del eng, student, teacher, method
-        restore = None
-        if job.get("nan_at"):  # the loss of the nan_at-th forward call (counted from 1) becomes NaN
-            restore, calls = SEREMethod.forward, {"n": 0}
+        if job.get("resume_from"):
+            resume_copy(Path(job["resume_from"]["run"]), Path(cfg.output_dir), int(job["resume_from"]["step"]), info)
+        out_dir, built, snaps = Path(cfg.output_dir), {}, {}
+        restore, restore_build, calls = SEREMethod.forward, train_module.build_engine, {"n": 0}
+        nan_at, inf_at = job.get("nan_at"), job.get("inf_grad_at")
+        snap_calls = set(job.get("snap_calls", ()))
 
-            def forward(self, *a, _orig=restore, _n=int(job["nan_at"]), **k):
-                out = _orig(self, *a, **k)
-                calls["n"] += 1
-                if calls["n"] == _n:
-                    out["loss"] = out["loss"] * float("nan")
-                return out
-            SEREMethod.forward = forward
+        def build(*a, **k):
+            built["engine"] = restore_build(*a, **k)
+            instrument(built["engine"], job, info, out_dir)
+            return built["engine"]
+
+        def forward(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] in snap_calls:
+                snaps[calls["n"]] = full_state(built["engine"])
+            out = restore(self, *a, **k)
+            if calls["n"] == nan_at:  # the loss of the nan_at-th forward call (counted from 1) becomes NaN
+                out["loss"] = out["loss"] * float("nan")
+            if calls["n"] == inf_at and info.rank == 0:
+                out["loss"] = _InfGrad.apply(out["loss"])
+            return out
+        SEREMethod.forward, train_module.build_engine = forward, build
         try:
-            out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload")), info=info)
+            out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload") or job.get("resume_from")),
+                        info=info)
         finally:
-            if restore is not None:
-                SEREMethod.forward = restore
+            SEREMethod.forward, train_module.build_engine = restore, restore_build
+        if snaps and info.is_main:
+            torch.save(snaps, out_dir / "snaps.pt")
         eng = out["engine"]
         rec["step"] = out["step"]
         rec["exit"] = out["exit"]
