@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,16 @@ def subprocess_env(**extra) -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def digits_subset(digits_root: Path, dst: Path, classes: int | None, per_class: int, split: str = "train") -> Path:
+    """An image folder under ``dst`` with the first ``per_class`` digits of the first ``classes`` classes
+    (all classes when None) of a split of the digits set."""
+    for c in sorted((digits_root / split).iterdir())[:classes]:
+        (dst / c.name).mkdir(parents=True)
+        for f in sorted(c.iterdir())[:per_class]:
+            shutil.copy(f, dst / c.name / f.name)
+    return dst
 
 
 @pytest.fixture(scope="session")

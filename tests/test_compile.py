@@ -17,6 +17,7 @@ from sere_scale.metrics import read_metrics
 from sere_scale.train import train
 from tests.test_engines import CURVE_KEYS
 from tests.tiny import tiny_config
+from tests.conftest import digits_subset
 
 EXTRA = ["model.drop_path=0", "train.max_steps=6", "data.batch_size=4", "checkpoint.every_steps=3",
          "model.checkpoint_activations=true"]
@@ -24,12 +25,7 @@ EXTRA = ["model.drop_path=0", "train.max_steps=6", "data.batch_size=4", "checkpo
 
 @pytest.fixture(scope="module")
 def data24(tmp_path_factory, digits_root):
-    root = tmp_path_factory.mktemp("data24")
-    for c in sorted((digits_root / "train").iterdir())[:3]:
-        (root / c.name).mkdir()
-        for f in sorted(c.iterdir())[:8]:
-            shutil.copy(f, root / c.name / f.name)
-    return root
+    return digits_subset(digits_root, tmp_path_factory.mktemp("data24"), 3, 8)
 
 
 def run(out, data, compiled: bool, resume_from=None):

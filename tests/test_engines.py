@@ -18,7 +18,6 @@ one 1-rank torchrun, and the kill/preempt/resume launches.
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ import torch
 
 from sere_scale.checkpoint import find_latest
 from sere_scale.metrics import read_metrics
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, digits_subset, subprocess_env
 from tests.tiny import TINY
 
 WORKER = ROOT / "tests" / "dist" / "engines_run.py"
@@ -102,12 +101,7 @@ def assert_same_curve(a_dir, b_dir, rel):
 
 @pytest.fixture(scope="module")
 def data48(tmp_path_factory, digits_root):
-    root = tmp_path_factory.mktemp("data48")
-    for c in sorted((digits_root / "train").iterdir())[:3]:
-        (root / c.name).mkdir()
-        for f in sorted(c.iterdir())[:16]:
-            shutil.copy(f, root / c.name / f.name)
-    return root
+    return digits_subset(digits_root, tmp_path_factory.mktemp("data48"), 3, 16)
 
 
 @pytest.fixture(scope="module")

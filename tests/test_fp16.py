@@ -16,13 +16,13 @@ One 2-rank launch (tests/dist/engines_run.py) holds every training run, and also
 ``engine.compile=true`` (tests/test_compile.py covers compile under DDP).
 """
 import math
-import shutil
 
 import pytest
 import torch
 
 from sere_scale.metrics import read_metrics
 from tests.test_engines import CURVE_KEYS, overrides, run_jobs
+from tests.conftest import digits_subset
 
 # warmup 0: the student moves from step 1 on. Scale 32 never overflows naturally here (128 can); window 3.
 FP16 = ["train.precision=fp16", "train.loss_scale_init=32", "train.loss_scale_window=3", "optim.warmup_epochs=0"]
@@ -34,12 +34,7 @@ ENGINES = ("ddp", "fsdp", "zero2")
 
 @pytest.fixture(scope="module")
 def data48(tmp_path_factory, digits_root):
-    root = tmp_path_factory.mktemp("data48")
-    for c in sorted((digits_root / "train").iterdir())[:3]:
-        (root / c.name).mkdir()
-        for f in sorted(c.iterdir())[:16]:
-            shutil.copy(f, root / c.name / f.name)
-    return root
+    return digits_subset(digits_root, tmp_path_factory.mktemp("data48"), 3, 16)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Invariance of self-relations between two views: 0 for identical views, growing with augmentation strength,
 the same from a checkpoint and from its timm file, and logged during training without disturbing it."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -13,19 +12,14 @@ from sere_scale.eval.views import ScaledViews, make_views
 from sere_scale.metrics import read_metrics
 from sere_scale.models.load import load_teacher
 from sere_scale.train import train
-from tests.conftest import subprocess_env
+from tests.conftest import digits_subset, subprocess_env
 from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, digits_root):
     """4 classes × 8 validation digits."""
-    root = tmp_path_factory.mktemp("inv_small")
-    for c in sorted((digits_root / "val").iterdir())[:4]:
-        (root / c.name).mkdir()
-        for f in sorted(c.iterdir())[:8]:
-            shutil.copy(f, root / c.name / f.name)
-    return root
+    return digits_subset(digits_root, tmp_path_factory.mktemp("inv_small"), 4, 8, "val")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ gain is SERE's. (At 60 steps the spatial gain is the same with and without SERE;
 adds to it — docs/VISUALIZE.md.)
 The measure is the correlation distance of the relation scores (docs/VISUALIZE.md: it does not reward flat
 relations; the total-variation distance of the softmaxes rises with the sharpening training brings)."""
-import shutil
 
 import pytest
 
@@ -13,15 +12,12 @@ from sere_scale.eval.invariance import list_images, measure_invariance
 from sere_scale.models.load import load_teacher
 from sere_scale.train import train
 from tests.tiny import tiny_config
+from tests.conftest import digits_subset
 
 
 @pytest.mark.slow
 def test_short_training_makes_relations_more_invariant(tmp_path, digits_root):
-    data = tmp_path / "train"
-    for c in sorted((digits_root / "train").iterdir()):
-        (data / c.name).mkdir(parents=True)
-        for f in sorted(c.iterdir())[:16]:
-            shutil.copy(f, data / c.name / f.name)
+    data = digits_subset(digits_root, tmp_path / "train", None, 16)
     val = list_images(digits_root / "val", 64)
     common = ("train.max_steps=60", "data.batch_size=32", "model.drop_path=0.0", "train.epochs=20",
               "optim.base_lr=4e-3", "optim.momentum_teacher=0.95", "checkpoint.every_steps=1000",

@@ -10,17 +10,13 @@ from sere_scale.method import SEREMethod
 from sere_scale.metrics import read_metrics
 from sere_scale.train import NonFiniteLoss, train
 from tests.tiny import tiny_config
+from tests.conftest import digits_subset
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, digits_root):
     """3 classes × 12 images of the digits set."""
-    root = tmp_path_factory.mktemp("small")
-    for c in sorted((digits_root / "train").iterdir())[:3]:
-        (root / c.name).mkdir()
-        for f in sorted(c.iterdir())[:12]:
-            shutil.copy(f, root / c.name / f.name)
-    return root
+    return digits_subset(digits_root, tmp_path_factory.mktemp("small"), 3, 12)
 
 
 def test_run_directory_contents(tmp_path, small_data):

@@ -1,7 +1,6 @@
 """``sere-scale visualize``: three PNGs per image with the documented sizes, from a checkpoint and from a timm
 file, and the same numbers from both."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -11,18 +10,14 @@ from PIL import Image
 from sere_scale.models.load import load_teacher
 from sere_scale.train import train
 from sere_scale.viz.draw import PAD, TITLE_H, grid_size
-from tests.conftest import subprocess_env
+from tests.conftest import digits_subset, subprocess_env
 from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
 def run_and_images(tmp_path_factory, digits_root):
     root = tmp_path_factory.mktemp("vis")
-    data = root / "data"
-    for c in sorted((digits_root / "train").iterdir())[:2]:
-        (data / c.name).mkdir(parents=True)
-        for f in sorted(c.iterdir())[:8]:
-            shutil.copy(f, data / c.name / f.name)
+    data = digits_subset(digits_root, root / "data", 2, 8)
     train(tiny_config(root / "run", data, "train.max_steps=1"))
     images = [sorted((data / c).iterdir())[0] for c in sorted(p.name for p in data.iterdir())]
     rgb = root / "photo.jpg"  # a non-square RGB image as well
