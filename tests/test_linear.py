@@ -72,6 +72,30 @@ def test_features_are_computed_once_and_cached_per_key(tmp_path, digits_root):
     assert bb.calls == 2 * n and len(list(tmp_path.glob("features_*.pt"))) == 2
 
 
+class ScaledBackbone(CountingBackbone):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        self.calls += 1
+        return {"cls": x.mean((2, 3)) * self.scale}
+
+
+def test_cache_tells_apart_other_weights_under_the_same_key(tmp_path, digits_root):
+    """A run retrained into the same folder has the same checkpoint path: its new weights must not be served
+    the old features."""
+    bb, val = ScaledBackbone(), digits_root / "val"
+    f1, _, _ = cached_features(bb, val, 32, tmp_path, {"checkpoint": "a"}, batch_size=512)
+    n = bb.calls
+    cached_features(bb, val, 32, tmp_path, {"checkpoint": "a"}, batch_size=512)
+    assert bb.calls == n  # same weights: cached
+    with torch.no_grad():
+        bb.scale[1] = -2.0
+    f2, _, _ = cached_features(bb, val, 32, tmp_path, {"checkpoint": "a"}, batch_size=512)
+    assert bb.calls == 2 * n and not torch.allclose(f2, f1)  # recomputed with the new weights
+
+
 class PixelBackbone(nn.Module):
     """'Features' that carry the digit: the image average-pooled to 8×8 (the digits' native resolution)."""
 

@@ -27,12 +27,24 @@ DEFAULT_LRS = (0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 # ------------------------------------------------------------------------------------------ feature cache
+def weights_fingerprint(module: nn.Module) -> str:
+    """A digest of a module's parameters and buffers (names, shapes, dtypes and bytes): the same checkpoint
+    folder retrained with other weights gets another cache entry."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def cached_features(backbone, root, size: int, cache_dir: str | Path, key: dict, batch_size: int = 64,
                     device="cpu", split: str | None = None, num_workers: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-    """``extract_features`` once per (key, data, size): stored as ``cache_dir/<hash>.pt`` and reused. The data
-    are identified by the resolved folder, or by the shard URLs and counts (``evaldata.source_id``)."""
-    full_key = {**key, **source_id(root, split), "size": int(size)}
+    """``extract_features`` once per (key, weights, data, size): stored as ``cache_dir/<hash>.pt`` and reused.
+    The weights are identified by ``weights_fingerprint`` of ``backbone``; the data by the resolved folder, or by
+    the shard URLs and counts (``evaldata.source_id``)."""
+    full_key = {**key, "weights": weights_fingerprint(backbone), **source_id(root, split), "size": int(size)}
     digest = hashlib.sha1(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"features_{digest}.pt"
     if path.exists():
