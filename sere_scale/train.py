@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -245,12 +246,13 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                 rec["loss_scale"], rec["n_overflow"] = scale, state.get("n_overflow", 0)
             for key in outs[0]:
                 rec[key] = sum(float(o[key].detach()) for o in outs) / len(outs)
-            if cfg.eval.invariance_every:
+            if cfg.eval.invariance_every or cfg.eval.knn_every:
                 from .eval.invariance import invariance_during_training
-                rec.update(invariance_during_training(cfg, engine, step, info))
-            if cfg.eval.knn_every:
                 from .eval.knn import knn_during_training
-                rec.update(knn_during_training(cfg, engine, step, info))
+                teacher_state = functools.cache(engine.teacher_state_dict)  # one (collective) gather for both
+                rec.update(invariance_during_training(cfg, engine, step, info, teacher_state))
+                rec.update(knn_during_training(cfg, engine, step, info, teacher_state))
+                del teacher_state  # frees the gathered copy
             metrics.log(rec)
             last_record = rec
             if pbar is not None:

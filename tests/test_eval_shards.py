@@ -150,12 +150,16 @@ def test_invariance_images_from_shards(trees):
     assert all(np.asarray(im).tobytes() in folder for im in imgs)
 
 
-def test_periodic_knn_during_training_from_shards(trees, tmp_path, capsys):
+def test_periodic_knn_during_training_from_shards(trees, tmp_path, capsys, monkeypatch):
     from sere_scale.cli import main
+    from sere_scale.engine.ddp import DDPEngine
     from sere_scale.train import train
     from tests.tiny import tiny_config
     src, out = trees
     run = tmp_path / "run"
+    gathers = []  # k-NN and invariance on the same step share one gather of the teacher
+    real = DDPEngine.teacher_state_dict
+    monkeypatch.setattr(DDPEngine, "teacher_state_dict", lambda self: gathers.append(1) or real(self))
     train(tiny_config(run, "", f"data.shards={out}", "train.max_steps=3", "data.batch_size=8",
                       "checkpoint.every_steps=2", "eval.knn_every=2", f"eval.knn_train_path={out}",
                       f"eval.val_path={out}#val", "eval.knn_k=10", "eval.invariance_every=2",
@@ -163,6 +167,7 @@ def test_periodic_knn_during_training_from_shards(trees, tmp_path, capsys):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "step" in r and "loss" in r]
     assert [("knn_top1" in r) for r in recs] == [False, True, False]
+    assert len(gathers) == 1
     r = recs[1]
     assert 0 <= r["knn_top1"] <= r["knn_top5"] <= 100 and 0 < r["invariance_spatial"] < 1
     # the teacher of that step, through the command, on the same shards: the same accuracy

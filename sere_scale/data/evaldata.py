@@ -36,10 +36,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from .folder import IMG_EXT, scan_folder
 from .shardlist import ShardSet, ShardSpecError, is_local, resolve_shards
 from .shardread import iter_piece
+from .shards import DECODE_ERRORS, IMAGE_KEYS
 
 log = logging.getLogger(__name__)
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 MAX_WARNINGS = 20  # per process and data set, as the shard loader
 
 

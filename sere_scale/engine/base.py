@@ -111,8 +111,10 @@ class Engine:
         self.step_skipped = False
 
     def loss_scale(self) -> Optional[float]:
-        """The current fp16 loss scale (None without loss scaling)."""
-        return None
+        """The current fp16 loss scale (None without loss scaling); engines with a torch ``scaler`` report its
+        scale, DeepSpeed overrides this."""
+        scaler = getattr(self, "scaler", None)
+        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
 
     # ------------------------------------------------------------------ forward
     def autocast(self):

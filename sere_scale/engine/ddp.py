@@ -72,9 +72,6 @@ class DDPEngine(Engine):
         self.zero_grad()
         return norm
 
-    def loss_scale(self):
-        return self.scaler.get_scale() if self.scaler.is_enabled() else None
-
     @torch.no_grad()
     def ema_update(self, momentum):
         ema_([b for _, b in self._pairs], [a for a, _ in self._pairs], momentum)

@@ -200,9 +200,6 @@ class FSDPEngine(Engine):
         self.zero_grad()
         return norm
 
-    def loss_scale(self):
-        return self.scaler.get_scale() if self.scaler.is_enabled() else None
-
     @torch.no_grad()
     def ema_update(self, momentum):
         ema_([local(t) for _, t in self._pairs], [local(s) for s, _ in self._pairs], momentum)

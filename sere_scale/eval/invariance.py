@@ -196,16 +196,17 @@ def hook_backbone(cfg, engine, state: dict, device):
     return backbone
 
 
-def invariance_during_training(cfg, engine, step: int, info) -> dict:
+def invariance_during_training(cfg, engine, step: int, info, teacher_state=None) -> dict:
     """The training loop's hook (``eval.invariance_every`` > 0): at the first logged step at or after each
     multiple of ``invariance_every``, measure the teacher backbone's invariance on ``eval.invariance_images``
     images of ``eval.invariance_data`` (default ``eval.val_path``; a folder or a shard spec) and return
     ``invariance_*`` metrics (rank 0; other ranks get {}). Every rank must call it: gathering the teacher's
-    weights may be collective. The model's random streams are left untouched."""
+    weights may be collective; ``teacher_state`` (default ``engine.teacher_state_dict``) gathers it, so the
+    loop can share one gather between hooks. The model's random streams are left untouched."""
     e = cfg.eval
     if e.invariance_every <= 0 or step % e.invariance_every >= cfg.train.log_every:
         return {}
-    state = engine.teacher_state_dict()
+    state = (teacher_state or engine.teacher_state_dict)()
     if not info.is_main:
         return {}
     root = e.invariance_data or e.val_path

@@ -51,17 +51,17 @@ def knn_accuracy(backbone, train_root, val_root, size: int, k: int = 20, T: floa
             "n_corrupt_train": st_tr["n_corrupt"], "n_corrupt_val": st_va["n_corrupt"]}
 
 
-def knn_during_training(cfg, engine, step: int, info) -> dict:
+def knn_during_training(cfg, engine, step: int, info, teacher_state=None) -> dict:
     """The training loop's hook (``eval.knn_every`` > 0): at the first logged step at or after each multiple of
     ``knn_every``, k-NN accuracy of the teacher backbone with ``eval.knn_train_path`` as the feature bank and
     ``eval.val_path`` as the queries (folders or shard specs), ``eval.knn_k`` / ``eval.knn_t``, images at
     ``eval.eval_size``. Returns ``knn_top1``, ``knn_top5`` on rank 0, {} elsewhere; as
     ``invariance_during_training``, every rank calls it (gathering the teacher may be collective) and rank 0
-    alone extracts the features. The model's random streams are left untouched."""
+    alone extracts the features; ``teacher_state`` as there. The model's random streams are left untouched."""
     e = cfg.eval
     if e.knn_every <= 0 or step % e.knn_every >= cfg.train.log_every:
         return {}
-    state = engine.teacher_state_dict()
+    state = (teacher_state or engine.teacher_state_dict)()
     if not info.is_main:
         return {}
     from .invariance import hook_backbone
