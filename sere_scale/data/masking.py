@@ -1,4 +1,4 @@
-"""iBOT block masking (BEiT-style rectangles) for student global views."""
+"""iBOT block masking (BEiT's rectangles, as iBOT draws them) for student global views."""
 from __future__ import annotations
 
 import math
@@ -7,42 +7,47 @@ import random
 import torch
 
 
-def block_mask(h: int, w: int, num_masked: int, aspect=(0.3, 1 / 0.3), min_block: int = 4,
+def block_mask(h: int, w: int, target: float, aspect=(0.3, 1 / 0.3),
                rng: random.Random | None = None) -> torch.Tensor:
-    """A (h, w) bool mask with about ``num_masked`` cells set, built from random rectangles.
+    """A (h, w) bool mask of at most ``target`` cells (a real number), built from random rectangles.
 
-    Rectangles of area in [min_block, remaining] and aspect ratio log-uniform in ``aspect`` are added until the
-    target is reached or no rectangle adds cells for 10 tries.
+    The published recipe (docs/METHOD.md): while masked < target, remaining = target - masked and up to 10 tries
+    draw an area ~ U(low, remaining) with low = (min(h, w) // 3)² (the uniform lies between the two bounds in
+    either order), an aspect ratio log-uniform in ``aspect``, a block of round(√(area·aspect)) ×
+    round(√(area/aspect)) cells accepted only if strictly smaller than the grid on both sides, placed uniformly;
+    the first try adding between 1 and remaining new cells is kept. Stops when no try adds a cell.
+    Deterministic in ``rng`` (default: the ``random`` module, which the data pipeline seeds per sample).
     """
     rng = rng or random
-    mask = torch.zeros(h, w, dtype=torch.bool)
-    num_masked = min(num_masked, h * w)
+    low = (min(h, w) // 3) ** 2
     log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
-    count = 0
-    while count < num_masked:
-        remaining = num_masked - count
+    rows = [bytearray(w) for _ in range(h)]
+    masked = 0
+    while masked < target:
+        remaining = target - masked
         added = 0
         for _ in range(10):
-            area = rng.uniform(min(min_block, remaining), remaining)
+            area = rng.uniform(low, remaining)
             ar = math.exp(rng.uniform(*log_aspect))
             bh = int(round(math.sqrt(area * ar)))
             bw = int(round(math.sqrt(area / ar)))
-            if 0 < bh <= h and 0 < bw <= w:
+            if bh < h and bw < w:
                 top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
-                patch = mask[top:top + bh, left:left + bw]
-                new = int((~patch).sum())
+                new = bh * bw - sum(sum(rows[r][left:left + bw]) for r in range(top, top + bh))
                 if 0 < new <= remaining:
-                    patch.fill_(True)
+                    for r in range(top, top + bh):
+                        rows[r][left:left + bw] = b"\x01" * bw
                     added = new
                     break
         if added == 0:
             break
-        count += added
-    return mask
+        masked += added
+    return torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.uint8).reshape(h, w).bool()
 
 
 class MaskGenerator:
-    """Per-image iBOT masks: with probability ``1 - prob`` none, else ratio ~ U(ratio) of the patches."""
+    """Per-image iBOT masks: with probability ``1 - prob`` none, else a target of ratio·h·w cells (kept real),
+    ratio ~ U(ratio)."""
 
     def __init__(self, prob: float = 0.5, ratio=(0.1, 0.5), aspect=(0.3, 1 / 0.3)):
         self.prob, self.ratio, self.aspect = prob, tuple(ratio), tuple(aspect)
@@ -51,4 +56,4 @@ class MaskGenerator:
         if self.prob <= 0 or random.random() >= self.prob:
             return torch.zeros(h, w, dtype=torch.bool)
         r = random.uniform(*self.ratio)
-        return block_mask(h, w, int(round(r * h * w)), self.aspect)
+        return block_mask(h, w, r * h * w, self.aspect)
