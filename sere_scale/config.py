@@ -29,6 +29,11 @@ class ModelConfig:
     num_heads: Optional[int] = None
     drop_path: float = 0.1  # student only; the teacher has none
     checkpoint_activations: bool = False
+    # The published DINO/iBOT ViT's details (the SERE presets set it): 96-px crops get the position grid
+    # interpolated as DINO's interpolate_pos_encoding (bicubic, scale (n + 0.1)/N, no antialias) instead of
+    # timm's antialiased resampling, and the CLS token starts from a truncated normal of std 0.02 (timm: 1e-6).
+    # Off by default so run folders written before the key rebuild the model they trained.
+    dino_vit: bool = False
 
 
 @dataclass

@@ -189,7 +189,7 @@ def hook_backbone(cfg, engine, state: dict, device):
     if backbone is None:
         from ..models.backbone import ViTBackbone, create_vit
         backbone = ViTBackbone(create_vit(cfg.model, cfg.data.global_size, 0.0),
-                               mask_token=cfg.image_loss.kind == "ibot").to(device)
+                               mask_token=cfg.image_loss.kind == "ibot", dino_pos_embed=cfg.model.dino_vit).to(device)
         _HOOK_BACKBONES[engine] = backbone
     prefix = "backbone."
     backbone.load_state_dict({k.split(prefix, 1)[1]: v for k, v in state.items() if prefix in k})

@@ -1,6 +1,8 @@
 """Heads: DINO/iBOT projection head, and SERE's projection h and prediction g with synchronised BatchNorm."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -11,13 +13,16 @@ from torch.distributed.nn.functional import all_reduce as differentiable_all_red
 class WeightNormLinear(nn.Module):
     """Linear layer with weight ``g * v / ||v||`` per output row, no bias (DINO's last layer).
 
-    With ``norm=True`` the gain g is fixed to 1 (DINO's ``norm_last_layer``).
+    The published head is ``weight_norm(nn.Linear(in, out, bias=False))`` (norm per output row, dim=0) with
+    g filled with 1; with ``norm=True`` g stays fixed at 1 (DINO's ``norm_last_layer``), so it is left out.
+    v keeps ``nn.Linear``'s default initialisation (kaiming-uniform, a=√5: U(±1/√in)): the published head builds
+    this layer after the truncated-normal initialisation of its MLP.
     """
 
     def __init__(self, in_dim: int, out_dim: int, norm: bool = True):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear.reset_parameters
         self.weight_g = None if norm else nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x):

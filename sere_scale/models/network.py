@@ -62,7 +62,8 @@ def build_network(cfg, teacher: bool = False) -> SERENet:
     il = cfg.image_loss
     vit = create_vit(cfg.model, cfg.data.global_size, 0.0 if teacher else cfg.model.drop_path)
     backbone = ViTBackbone(vit, mask_token=(il.kind == "ibot"),
-                           checkpoint_activations=cfg.model.checkpoint_activations)
+                           checkpoint_activations=cfg.model.checkpoint_activations,
+                           dino_pos_embed=cfg.model.dino_vit)
     head = None
     if il.kind in ("dino", "ibot"):
         head = DINOHead(backbone.embed_dim, il.out_dim, il.hidden_dim, il.bottleneck_dim, il.norm_last_layer)
