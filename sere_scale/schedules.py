@@ -37,9 +37,11 @@ class Schedules:
         return step / self.steps_per_epoch
 
     def lr_at(self, step: int) -> float:
+        # as DINO's cosine_scheduler: np.linspace(0, lr, W) over the W warmup steps (the base rate reached at the
+        # last warmup step, end included), then the cosine from lr over the remaining steps
         warm = int(self.warmup_epochs * self.steps_per_epoch)
         if step < warm:
-            return self.lr * step / warm
+            return self.lr * step / (warm - 1) if warm > 1 else 0.0
         return cosine(self.lr, self.min_lr, (step - warm) / max(self.total_steps - warm, 1))
 
     def wd_at(self, step: int) -> float:

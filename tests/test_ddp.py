@@ -22,7 +22,8 @@ def test_two_rank_ddp_training_keeps_ranks_in_sync(tmp_path, digits_root):
     assert rep["max_diff"]["moved"] > 0  # the student trained away from its EMA teacher
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    # lr follows the linear scaling rule on the global batch (2 ranks × 8) during warmup
+    # lr follows the linear scaling rule on the global batch (2 ranks × 8) during warmup (one epoch of
+    # steps_per_epoch steps, reaching the base rate at its last step)
     steps_per_epoch = 1437 // 16
-    assert abs(rows[0]["lr"] - 1e-3 * 16 / 256 * 0 / steps_per_epoch) < 1e-12
-    assert abs(rows[1]["lr"] - 1e-3 * 16 / 256 * 1 / steps_per_epoch) < 1e-9
+    assert abs(rows[0]["lr"] - 1e-3 * 16 / 256 * 0 / (steps_per_epoch - 1)) < 1e-12
+    assert abs(rows[1]["lr"] - 1e-3 * 16 / 256 * 1 / (steps_per_epoch - 1)) < 1e-9

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,8 +19,8 @@ def test_schedules_follow_the_recipe():
                              "optim.warmup_epochs=10", "train.epochs=100", "image_loss.warmup_teacher_temp_epochs=30"])
     sch = build_schedules(cfg, steps_per_epoch=50, world_size=4)
     peak = 5e-4 * 64 * 4 * 2 / 256
-    assert sch.lr_at(0) == 0 and sch.lr_at(250) == pytest.approx(peak / 2)
-    assert sch.lr_at(500) == pytest.approx(peak)
+    assert sch.lr_at(0) == 0 and sch.lr_at(250) == pytest.approx(peak * 250 / 499)
+    assert sch.lr_at(499) == pytest.approx(peak) and sch.lr_at(500) == pytest.approx(peak)
     assert sch.lr_at(5000) == pytest.approx(1e-6)
     mid = 500 + (5000 - 500) // 2
     assert sch.lr_at(mid) == pytest.approx(1e-6 + (peak - 1e-6) / 2)
@@ -28,6 +29,34 @@ def test_schedules_follow_the_recipe():
     temps = [sch.at(e * 50)["teacher_temp"] for e in (0, 1, 29, 30, 99)]
     assert temps[0] == pytest.approx(0.04) and temps[1] == pytest.approx(0.04 + 0.03 / 29)
     assert temps[2] == pytest.approx(0.07) and temps[3] == pytest.approx(0.07) and temps[4] == pytest.approx(0.07)
+
+
+def _published_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
+                                start_warmup_value=0):
+    """DINO/iBOT's utils.cosine_scheduler, written out in numpy: a linspace warmup that ends on the base value,
+    then a cosine over the remaining iterations."""
+    warmup = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, schedule))
+
+
+@pytest.mark.parametrize("warmup_epochs,steps_per_epoch,epochs", [(10, 7, 30), (1, 1, 5), (2, 13, 2), (0, 5, 3)])
+def test_lr_wd_momentum_are_the_published_schedules(warmup_epochs, steps_per_epoch, epochs):
+    cfg = load_config(None, ["data.batch_size=256", "optim.base_lr=5e-4", "optim.min_lr=1e-6",
+                             f"optim.warmup_epochs={warmup_epochs}", f"train.epochs={epochs}"])
+    sch = build_schedules(cfg, steps_per_epoch=steps_per_epoch, world_size=1)
+    o = cfg.optim
+    lr = _published_cosine_scheduler(5e-4, 1e-6, epochs, steps_per_epoch, warmup_epochs)
+    wd = _published_cosine_scheduler(o.weight_decay, o.weight_decay_end, epochs, steps_per_epoch)
+    mom = _published_cosine_scheduler(o.momentum_teacher, 1.0, epochs, steps_per_epoch)
+    steps = range(epochs * steps_per_epoch)
+    np.testing.assert_allclose([sch.lr_at(i) for i in steps], lr, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose([sch.wd_at(i) for i in steps], wd, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose([sch.momentum_at(i) for i in steps], mom, rtol=1e-12, atol=1e-15)
 
 
 def _engine():
