@@ -1,7 +1,13 @@
 """Row-blocked relation cross-entropy: never holds more than one (G, block, R) slab of logits.
 
-Forward walks row blocks, keeps only the per-row log-sum-exps of the student and teacher logits, and returns the
-per-group mean CE. Backward recomputes each slab from the saved inputs and statistics:
+Forward walks row blocks and returns the per-group mean CE, each row in the form without cancellation
+
+    CE_i = Σ_j p_t_ij (m_i - s_ij) + log Σ_j exp(s_ij - m_i),    m_i = max_j s_ij    (both terms >= 0)
+
+(``lse_i - Σ_j p_t_ij s_ij`` subtracts two numbers near the largest logit: with logits ~180 and a loss ~1e-4 it
+loses three digits in fp32). It keeps per row the maxima and the log-sums of the shifted exponentials of the
+student and teacher logits, so softmax = exp((s - m) - log l) comes back without rounding lse = m + log l to the
+logits' magnitude. Backward recomputes each slab from the saved inputs and statistics:
 
     dS_blk = (softmax(s_blk) - softmax(t_blk)) * student_scale * grad_g / R
     dX[blk] += dS_blk @ X          dX += dS_blkᵀ @ X[blk]
@@ -41,23 +47,24 @@ class _ChunkedRelationCE(torch.autograd.Function):
         s = student.detach().float()
         t = teacher.detach().float()
         groups, rows, _ = s.shape
-        lse_s = s.new_empty(groups, rows)
-        lse_t = s.new_empty(groups, rows)
+        # per row: max and log Σ exp(x - max) of the student (m_s, ll_s) and teacher (m_t, ll_t) logits
+        m_s, ll_s, m_t, ll_t = (s.new_empty(groups, rows) for _ in range(4))
         ce_sum = s.new_zeros(groups)
         for lo in range(0, rows, block):
             hi = min(rows, lo + block)
-            s_blk = _slab(s, lo, hi, student_scale)
-            lse_s[:, lo:hi] = torch.logsumexp(s_blk, dim=-1)
+            gap = _slab(s, lo, hi, student_scale)
+            mx_s = gap.amax(-1, keepdim=True)
+            gap.neg_().add_(mx_s)  # m_i - s_ij >= 0, in place
+            ll_s[:, lo:hi] = gap.neg().exp_().sum(-1).log_()
             t_blk = _slab(t, lo, hi, teacher_scale)
-            m_t = t_blk.amax(-1, keepdim=True)
-            e_t = t_blk.sub_(m_t).exp_()  # unnormalised teacher softmax, in place
+            mx_t = t_blk.amax(-1, keepdim=True)
+            e_t = t_blk.sub_(mx_t).exp_()  # unnormalised teacher softmax, in place
             l_t = e_t.sum(-1)
-            lse_t[:, lo:hi] = m_t.squeeze(-1) + l_t.log()
-            # CE_i = lse_s_i - Σ_j p_t_ij s_ij, p_t = e_t / l_t
-            cross = e_t.mul_(s_blk).sum(-1) / l_t
-            ce_sum += (lse_s[:, lo:hi] - cross).sum(-1)
-            del s_blk, t_blk, e_t
-        ctx.save_for_backward(student, teacher, lse_s, lse_t)
+            m_s[:, lo:hi], m_t[:, lo:hi], ll_t[:, lo:hi] = mx_s.squeeze(-1), mx_t.squeeze(-1), l_t.log()
+            # CE_i = Σ_j p_t_ij (m_i - s_ij) + log Σ_j exp(s_ij - m_i), p_t = e_t / l_t
+            ce_sum += (e_t.mul_(gap).sum(-1) / l_t + ll_s[:, lo:hi]).sum(-1)
+            del gap, t_blk, e_t
+        ctx.save_for_backward(student, teacher, m_s, ll_s, m_t, ll_t)
         ctx.scales = (student_scale, teacher_scale)
         ctx.block = block
         return ce_sum / rows
@@ -70,7 +77,7 @@ class _ChunkedRelationCE(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_groups):
-        student, teacher, lse_s, lse_t = ctx.saved_tensors
+        student, teacher, m_s, ll_s, m_t, ll_t = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         student_scale, teacher_scale = ctx.scales
@@ -81,8 +88,9 @@ class _ChunkedRelationCE(torch.autograd.Function):
         dx = torch.zeros_like(s)
         for lo in range(0, rows, ctx.block):
             hi = min(rows, lo + ctx.block)
-            ds = _slab(s, lo, hi, student_scale).sub_(lse_s[:, lo:hi, None]).exp_()
-            p_t = _slab(t, lo, hi, teacher_scale).sub_(lse_t[:, lo:hi, None]).exp_()
+            # exp((x - m) - log l): the shift first, so the exponent keeps the precision of x - m
+            ds = _slab(s, lo, hi, student_scale).sub_(m_s[:, lo:hi, None]).sub_(ll_s[:, lo:hi, None]).exp_()
+            p_t = _slab(t, lo, hi, teacher_scale).sub_(m_t[:, lo:hi, None]).sub_(ll_t[:, lo:hi, None]).exp_()
             ds.sub_(p_t).mul_(coef)
             del p_t
             dx[:, lo:hi] += torch.bmm(ds, s)  # (G, block, D) temporary; baddbmm_ into this view loops per group

@@ -1,9 +1,12 @@
 """Fused Triton relation cross-entropy: never materialises an R×R matrix (see docs/KERNELS.md).
 
 Forward, one program per (group, row block): streams column tiles of S = a·XsXsᵀ and T = b·XtXtᵀ and keeps, per
-row, an online log-sum-exp of S, an online log-sum-exp of T and the running Σ_j exp(T_ij - m_t) S_ij (rescaled
-whenever the teacher max moves), so CE_i = lse_s_i - Σ_j p_t_ij S_ij comes out of a single pass.
-Saved for backward: the inputs and two floats per row (lse_s, lse_t).
+row, the running maxima m_s, m_t and sums l_s = Σ_j exp(S_ij - m_s), l_t = Σ_j exp(T_ij - m_t), and the running
+A = Σ_j exp(T_ij - m_t) (m_s - S_ij) (when m_s grows by δ, A += δ·l_t; when m_t grows, A and l_t scale by
+exp(-Δm_t)), so CE_i = A / l_t + log l_s comes out of a single pass as a sum of two terms >= 0 (the form
+lse_s - Σ_j p_t_ij S_ij cancels two numbers near the largest logit and loses digits when relations are sharp).
+Saved for backward: the inputs and four floats per row (m_s, log l_s, m_t, log l_t): softmax = exp((S - m) - log l)
+keeps the precision that lse = m + log l would round away at the logits' magnitude.
 
 Backward, one program per (group, D chunk, row block): both Gram matrices are symmetric, so
 dX_i = c_g Σ_j (dS_ij + dS_ji) X_j with dS_ij = softmax(S)_ij - p_t_ij, and dS_ji only needs the column
@@ -63,7 +66,7 @@ def _gram_tile(x_ptr, offs_m, offs_n, R, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _relation_ce_fwd(s_ptr, t_ptr, ce_ptr, lse_s_ptr, lse_t_ptr, R, DS, DT, s_scale, t_scale,
+def _relation_ce_fwd(s_ptr, t_ptr, ce_ptr, m_s_ptr, ll_s_ptr, m_t_ptr, ll_t_ptr, R, DS, DT, s_scale, t_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr):
     # 1-D grid, row blocks of one group adjacent (they share the group's X in L2); G may exceed 65535.
@@ -78,7 +81,7 @@ def _relation_ce_fwd(s_ptr, t_ptr, ce_ptr, lse_s_ptr, lse_t_ptr, R, DS, DT, s_sc
     l_s = tl.zeros((BLOCK_M,), tl.float32)
     m_t = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_t = tl.zeros((BLOCK_M,), tl.float32)
-    cross = tl.zeros((BLOCK_M,), tl.float32)  # Σ_j exp(T_ij - m_t_i) S_ij
+    gap = tl.zeros((BLOCK_M,), tl.float32)  # Σ_j exp(T_ij - m_t_i) (m_s_i - S_ij), every term >= 0
     for n0 in range(0, R, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = (offs_n < R)[None, :]
@@ -88,24 +91,28 @@ def _relation_ce_fwd(s_ptr, t_ptr, ce_ptr, lse_s_ptr, lse_t_ptr, R, DS, DT, s_sc
         t_inf = tl.where(valid, t, float("-inf"))
         m_s_new = tl.maximum(m_s, tl.max(s_inf, 1))
         l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s_inf - m_s_new[:, None]), 1)
+        # shift the terms summed so far to the new student max (l_t = 0 before the first tile: m_s was -inf)
+        gap = gap + tl.where(l_t > 0, m_s_new - m_s, 0.0) * l_t
         m_s = m_s_new
         m_t_new = tl.maximum(m_t, tl.max(t_inf, 1))
         alpha = tl.exp(m_t - m_t_new)
         e_t = tl.exp(t_inf - m_t_new[:, None])
         l_t = l_t * alpha + tl.sum(e_t, 1)
-        cross = cross * alpha + tl.sum(e_t * tl.where(valid, s, 0.0), 1)
+        gap = gap * alpha + tl.sum(e_t * tl.where(valid, m_s[:, None] - s, 0.0), 1)
         m_t = m_t_new
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
+    ll_s = tl.log(l_s)
     row_ok = offs_m < R
     out = g * R + offs_m
-    tl.store(ce_ptr + out, lse_s - cross / l_t, mask=row_ok)
-    tl.store(lse_s_ptr + out, lse_s, mask=row_ok)
-    tl.store(lse_t_ptr + out, lse_t, mask=row_ok)
+    tl.store(ce_ptr + out, gap / l_t + ll_s, mask=row_ok)
+    tl.store(m_s_ptr + out, m_s, mask=row_ok)
+    tl.store(ll_s_ptr + out, ll_s, mask=row_ok)
+    tl.store(m_t_ptr + out, m_t, mask=row_ok)
+    tl.store(ll_t_ptr + out, tl.log(l_t), mask=row_ok)
 
 
 @triton.jit
-def _relation_ce_bwd(s_ptr, t_ptr, lse_s_ptr, lse_t_ptr, coef_ptr, dx_ptr, R, DS, DT, s_scale, t_scale,
+def _relation_ce_bwd(s_ptr, t_ptr, m_s_ptr, ll_s_ptr, m_t_ptr, ll_t_ptr, coef_ptr, dx_ptr, R, DS, DT, s_scale,
+                     t_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                      UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr):
     pid = tl.program_id(0)
@@ -119,19 +126,24 @@ def _relation_ce_bwd(s_ptr, t_ptr, lse_s_ptr, lse_t_ptr, coef_ptr, dx_ptr, R, DS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = offs_m < R
-    lse_s_i = tl.load(lse_s_ptr + g * R + offs_m, mask=row_ok, other=0.0)
-    lse_t_i = tl.load(lse_t_ptr + g * R + offs_m, mask=row_ok, other=0.0)
+    m_s_i = tl.load(m_s_ptr + g * R + offs_m, mask=row_ok, other=0.0)
+    ll_s_i = tl.load(ll_s_ptr + g * R + offs_m, mask=row_ok, other=0.0)
+    m_t_i = tl.load(m_t_ptr + g * R + offs_m, mask=row_ok, other=0.0)
+    ll_t_i = tl.load(ll_t_ptr + g * R + offs_m, mask=row_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, R, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < R
         s = _gram_tile(s_base, offs_m, offs_n, R, DS, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_S, IEEE_S) * s_scale
         t = _gram_tile(t_base, offs_m, offs_n, R, DT, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_T, IEEE_T) * t_scale
-        lse_s_j = tl.load(lse_s_ptr + g * R + offs_n, mask=col_ok, other=0.0)
-        lse_t_j = tl.load(lse_t_ptr + g * R + offs_n, mask=col_ok, other=0.0)
-        # dS_ij + dS_ji (up to c_g); every exponent is <= 0 because lse bounds its own row and column.
-        p = (tl.exp(s - lse_s_i[:, None]) + tl.exp(s - lse_s_j[None, :])
-             - tl.exp(t - lse_t_i[:, None]) - tl.exp(t - lse_t_j[None, :]))
+        m_s_j = tl.load(m_s_ptr + g * R + offs_n, mask=col_ok, other=0.0)
+        ll_s_j = tl.load(ll_s_ptr + g * R + offs_n, mask=col_ok, other=0.0)
+        m_t_j = tl.load(m_t_ptr + g * R + offs_n, mask=col_ok, other=0.0)
+        ll_t_j = tl.load(ll_t_ptr + g * R + offs_n, mask=col_ok, other=0.0)
+        # dS_ij + dS_ji (up to c_g) as exp((x - m) - log l); every exponent is <= 0 (up to rounding) because the
+        # max bounds its own row and column and log l >= 0.
+        p = (tl.exp((s - m_s_i[:, None]) - ll_s_i[:, None]) + tl.exp((s - m_s_j[None, :]) - ll_s_j[None, :])
+             - tl.exp((t - m_t_i[:, None]) - ll_t_i[:, None]) - tl.exp((t - m_t_j[None, :]) - ll_t_j[None, :]))
         p = tl.where(col_ok[None, :], p, 0.0)
         x_j = tl.load(s_base + offs_n[:, None] * DS + offs_d[None, :],
                       mask=col_ok[:, None] & (offs_d[None, :] < DS), other=0.0)
@@ -178,15 +190,14 @@ class _TritonRelationCE(torch.autograd.Function):
         dt = t.shape[2]
         block_k = blocks.block_k or _pow2_clamp(max(ds, dt), 16, 64)
         ce = torch.empty(groups, rows, device=s.device, dtype=torch.float32)
-        lse_s = torch.empty_like(ce)
-        lse_t = torch.empty_like(ce)
+        stats = [torch.empty_like(ce) for _ in range(4)]  # m_s, log l_s, m_t, log l_t
         (up_s, ieee_s), (up_t, ieee_t) = _flags(s), _flags(t)
         grid = (triton.cdiv(rows, blocks.block_m) * groups,)
-        _relation_ce_fwd[grid](s, t, ce, lse_s, lse_t, rows, ds, dt, student_scale, teacher_scale,
+        _relation_ce_fwd[grid](s, t, ce, *stats, rows, ds, dt, student_scale, teacher_scale,
                                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=block_k,
                                UPCAST_S=up_s, UPCAST_T=up_t, IEEE_S=ieee_s, IEEE_T=ieee_t,
                                num_warps=blocks.num_warps)
-        ctx.save_for_backward(s, t, lse_s, lse_t)
+        ctx.save_for_backward(s, t, *stats)
         ctx.meta = (student_scale, teacher_scale, blocks, block_k)
         add_kernel_flops(2 * groups * rows * rows * (ds + dt))  # the two Gram matrices
         return ce.mean(-1)
@@ -196,7 +207,7 @@ class _TritonRelationCE(torch.autograd.Function):
     def backward(ctx, grad_groups):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        s, t, lse_s, lse_t = ctx.saved_tensors
+        s, t, *stats = ctx.saved_tensors
         student_scale, teacher_scale, blocks, block_k = ctx.meta
         groups, rows, ds = s.shape
         coef = (grad_groups.float() * (student_scale / rows)).contiguous()
@@ -204,7 +215,7 @@ class _TritonRelationCE(torch.autograd.Function):
         dx = torch.empty_like(s)
         (up_s, ieee_s), (up_t, ieee_t) = _flags(s), _flags(t)
         grid = (triton.cdiv(rows, blocks.block_m) * triton.cdiv(ds, block_d) * groups,)
-        _relation_ce_bwd[grid](s, t, lse_s, lse_t, coef, dx, rows, ds, t.shape[2], student_scale, teacher_scale,
+        _relation_ce_bwd[grid](s, t, *stats, coef, dx, rows, ds, t.shape[2], student_scale, teacher_scale,
                                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=block_k, BLOCK_D=block_d,
                                UPCAST_S=up_s, UPCAST_T=up_t, IEEE_S=ieee_s, IEEE_T=ieee_t,
                                num_warps=blocks.num_warps)
