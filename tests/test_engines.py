@@ -37,7 +37,7 @@ WORKER = ROOT / "tests" / "dist" / "engines_run.py"
 # 48 images, 4 per micro-batch, 2 micro-batches per step: 2 ranks → 3 steps per epoch; the last layer is
 # frozen for epoch 0 (steps 0-2) and trains from step 3 on; checkpoints at steps 3 and 6.
 COMMON = ["model.drop_path=0", "data.batch_size=4", "train.grad_accum=2", "train.epochs=2", "train.max_steps=6",
-          "checkpoint.every_steps=3", "optim.freeze_last_layer=1"]
+          "checkpoint.every_steps=3", "optim.freeze_last_layer=1", "model.dino_vit=true"]
 BACKENDS = {
     "ddp": [],
     "fsdp": ["engine.backend=fsdp", "model.checkpoint_activations=true"],
