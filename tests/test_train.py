@@ -118,9 +118,11 @@ def test_nonfinite_loss_skip_policy_counts(tmp_path, small_data, monkeypatch):
     out = train(cfg)
     assert out["step"] == 4
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 3, 4]  # the skipped step is not logged as a trained one
-    assert rows[-1]["n_skipped"] == 1
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the skipped step is logged like any other
+    assert rows[1]["skipped"] is True and rows[1]["loss"] is None and "loss" in rows[1]["nonfinite"]
+    assert not any(r.get("skipped") for r in rows[::2] + rows[3:])
+    assert [r["n_skipped"] for r in rows] == [0, 1, 1, 1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if not r.get("skipped"))
     sd = torch.load(find_latest(tmp_path / "run") / "model.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in sd["student"].values() if v.is_floating_point())
 
