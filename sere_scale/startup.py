@@ -33,8 +33,8 @@ def check_run_dir(run_dir: Path, resume: bool, move_old: bool, info: DistInfo) -
     lock, err = RunLock(run_dir), None
     if info.is_main:
         try:
+            lock.check()  # first, and also before --move-old: a live run is never moved
             check_fresh(run_dir, resume, move_old)
-            lock.check()  # also before --move-old: a live run is never moved
         except RunDirError as e:
             err = e
     _agree(err, info)
