@@ -88,9 +88,10 @@ def check_compatible(ckpt: Path, meta: dict, cfg: Config, world_size: int, backe
         mine = loader.fingerprint()
         if saved_loader.get("streams") != mine.get("streams"):
             n = saved_loader.get("streams")
+            want = "0 or 1" if n == 1 else str(n)
             raise ConfigError(f"config key 'data.num_workers': checkpoint {ckpt} read its shards with {n} reader "
-                              f"streams (data.num_workers={n}), this config has {mine.get('streams')}: the epoch "
-                              f"order would change. Resume with data.num_workers={n}")
+                              f"stream(s), this config has {mine.get('streams')}: the epoch order would change. "
+                              f"Resume with data.num_workers={want}")
         try:
             loader.load_state_dict({**saved_loader, "rank": loader.rank, "epoch": 0, "batch": 0})
         except ValueError as e:

@@ -147,15 +147,16 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_
     # ---- from here on the run folder is written
     ckpt = startup.open_run_dir(cfg, run_dir, info, lock, loaded, loader, move_old and not resume,
                                 REQUEUE_MARKER)
+    metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None)
     try:
-        return _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, resume, steps_per_epoch)
+        return _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch)
     finally:
+        metrics.close()
         lock.release()
 
 
-def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, resume, steps_per_epoch) -> dict:
-    run_dir, accum = Path(cfg.output_dir), cfg.train.grad_accum
-    metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None)
+def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch) -> dict:
+    accum = cfg.train.grad_accum
 
     total = sched.total_steps
     if cfg.train.max_steps is not None:
