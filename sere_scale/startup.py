@@ -99,6 +99,8 @@ def open_run_dir(cfg: Config, run_dir: Path, info: DistInfo, lock: RunLock, load
                 set_aside(loaded["corrupt"])
         except RunDirError as e:
             err = e
+        except OSError as e:  # e.g. no permission: reported on every rank instead of leaving them waiting
+            err = RunDirError(f"cannot write the run folder '{run_dir}': {e}")
     _agree(err, info)
     run_id = [(loaded or {}).get("meta", {}).get("run_id") or uuid.uuid4().hex]
     if info.distributed:  # rank 0's: every rank must see the same run's checkpoints

@@ -21,7 +21,7 @@ def small_data(tmp_path_factory, digits_root):
     ("data.num_workers=-1", "data.num_workers"), ("train.max_consecutive_skips=0", "train.max_consecutive_skips"),
 ])
 def test_bad_values_are_refused_at_load_time(override, key):
-    with pytest.raises(ConfigError, match=f"'{key}'"):
+    with pytest.raises(ConfigError, match=f"'{key}': must be"):
         load_config(None, [*TINY, override])
 
 
