@@ -6,7 +6,7 @@
 - Rank 0 holds ``<output_dir>/.lock`` (JSON: host, pid, job id, restart counts, time) while it trains; a second
   run into the same folder is refused with the holder's host and pid. A lock is stale — taken over with a
   warning — when its holder is a dead process on this host, or when it was taken by an earlier attempt of the same
-  job: same ``SLURM_JOB_ID`` / ``TORCHELASTIC_RUN_ID`` and lower ``SLURM_RESTART_COUNT`` /
+  job: the same ``SLURM_JOB_ID`` or ``TORCHELASTIC_RUN_ID`` and lower ``SLURM_RESTART_COUNT`` /
   ``TORCHELASTIC_RESTART_COUNT`` (a torchrun ``--max-restarts`` restart or a slurm requeue, whose old holder
   is dead or being torn down, possibly on another node).
 """
@@ -63,7 +63,7 @@ def move_aside(run_dir: Path) -> Optional[Path]:
 def _me() -> dict:
     env = os.environ
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "job": "/".join(env.get(k, "") for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")).strip("/"),
+            "slurm_job": env.get("SLURM_JOB_ID", ""), "elastic_run": env.get("TORCHELASTIC_RUN_ID", ""),
             "restart": [int(env.get(k, 0) or 0) for k in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")],
             "time": time.time()}
 
@@ -86,8 +86,10 @@ def stale_reason(holder: dict, me: dict) -> Optional[str]:
             return "it is this process's own"
         if not _alive(pid):
             return f"its holder (pid {pid}) is no longer running"
-    if holder.get("job") and holder.get("job") == me["job"] and list(holder.get("restart", [0, 0])) < me["restart"]:
-        return f"it was taken by an earlier attempt of this job ({me['job']}, restart {holder.get('restart')})"
+    same_job = any(holder.get(k) and holder.get(k) == me[k] for k in ("slurm_job", "elastic_run"))
+    if same_job and list(holder.get("restart", [0, 0])) < me["restart"]:
+        return (f"it was taken by an earlier attempt of this job (restart counts {holder.get('restart')}, now "
+                f"{me['restart']})")
     return None
 
 

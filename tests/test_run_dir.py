@@ -86,15 +86,17 @@ def test_a_stale_lock_rule_covers_dead_holders_and_restarts_of_the_same_job(tmp_
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    me = {"host": host, "pid": os.getpid(), "job": "", "restart": [0, 0]}
+    me = {"host": host, "pid": os.getpid(), "slurm_job": "", "elastic_run": "", "restart": [0, 0]}
     assert "no longer running" in stale_reason({"host": host, "pid": dead.pid}, me)
     assert stale_reason({"host": host, "pid": os.getppid()}, me) is None  # alive: held
     assert stale_reason({"host": "elsewhere", "pid": dead.pid}, me) is None  # cannot tell: held
     # a torchrun --max-restarts restart (or slurm requeue) of the same job takes over its earlier attempt's lock
-    restarted = {**me, "job": "77/rdzv", "restart": [0, 1]}
-    earlier = {"host": "node-a", "pid": os.getppid(), "job": "77/rdzv", "restart": [0, 0]}
+    restarted = {**me, "slurm_job": "77", "elastic_run": "rdzv", "restart": [0, 1]}
+    earlier = {"host": "node-a", "pid": os.getppid(), "slurm_job": "77", "elastic_run": "rdzv", "restart": [0, 0]}
     assert "earlier attempt" in stale_reason(earlier, restarted)
-    assert stale_reason({**earlier, "job": "78/rdzv"}, restarted) is None
+    requeued = {**me, "slurm_job": "77", "elastic_run": "other", "restart": [1, 0]}  # slurm requeue, new rdzv id
+    assert "earlier attempt" in stale_reason({**earlier, "restart": [0, 3]}, requeued)
+    assert stale_reason({**earlier, "slurm_job": "78", "elastic_run": "x"}, restarted) is None  # another job
     assert stale_reason({**earlier, "restart": [0, 1]}, restarted) is None  # a peer of the same attempt
     # acquire: a dead holder's lock is taken over (with a warning), a live one refused with host and pid
     (tmp_path / LOCK).write_text(json.dumps({"host": host, "pid": dead.pid, "time": 0}))
@@ -108,7 +110,7 @@ def test_a_stale_lock_rule_covers_dead_holders_and_restarts_of_the_same_job(tmp_
         RunLock(tmp_path).acquire()
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "rdzv")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    (tmp_path / LOCK).write_text(json.dumps({"host": "node-a", "pid": 1, "job": "rdzv", "restart": [0, 0]}))
+    (tmp_path / LOCK).write_text(json.dumps({"host": "node-a", "pid": 1, "elastic_run": "rdzv", "restart": [0, 0]}))
     lock = RunLock(tmp_path)
     lock.acquire()
     assert lock.held
