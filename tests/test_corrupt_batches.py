@@ -131,10 +131,11 @@ def test_undecodable_encoded_images_keep_their_slot_on_the_device():
     assert out["labels"].tolist() == ref and out["index"].tolist() == [100 + i for i in ref]
     assert out["n_corrupt"] == 3 and all(len(c) == 6 for c in out["crops"]) and len(out["masks"]) == 6
     assert torch.equal(out["crops"][0][1], out["crops"][0][2])  # slot 1 holds image 2's crops
-    # a batch where nothing decodes repeats the previous readable batch (none yet: a clear error)
+    # a batch where nothing decodes takes the previous readable batch's images (none yet: a clear error)
     bad = collate_encoded([{**tf(b"junk"), "label": 0, "index": 0}] * 6)
     again = aug(bad, 0, 1)
-    assert again["n_corrupt"] == 6 and torch.equal(again["crops"][0], out["crops"][0])
+    assert again["n_corrupt"] == 6 and again["labels"].tolist() == ref and all(len(c) == 6 for c in again["crops"])
+    assert torch.equal(again["crops"][0], aug(batch, 0, 1)["crops"][0])  # cropped with this batch's seed
     with pytest.raises(NoReadableSample):
         DeviceAugment(GPUMultiCrop(32, 16, 2, 2), seed=0)(bad, 0, 0)
 

@@ -105,8 +105,9 @@ class DeviceAugment:
 
     Images that do not decode keep their slot: it takes the crops (and mask, label, index) of the next decoded
     image of the batch (``corrupt.fill_slots``) and is counted in ``n_corrupt``. A batch in which no image decodes
-    takes the previous such batch of this run whole (or, if there is none yet, fails with ``NoReadableSample``);
-    only this last case depends on the run's history (a resume at that very batch would fail instead).
+    is replaced by the previous batch with a decodable image (kept encoded, on the host), cropped afresh with this
+    batch's seed (if there is none yet, ``NoReadableSample``); only this last case depends on the run's history (a
+    resume at that very batch would fail instead).
     """
 
     def __init__(self, multicrop: GPUMultiCrop, seed: int = 0, rank: int = 0):
@@ -128,9 +129,9 @@ class DeviceAugment:
         if len(kept) == 0:
             if self._last_good is None:
                 raise NoReadableSample(f"no image of batch {index} (epoch {epoch}) decodes, nor of any before it")
-            log.warning("no image of batch %d (epoch %d) decodes: it repeats the previous readable batch",
+            log.warning("no image of batch %d (epoch %d) decodes: it takes the previous readable batch's images",
                         index, epoch)
-            return {**self._last_good, "n_corrupt": batch["n_corrupt"] + B}
+            return {**self(self._last_good, epoch, index), "n_corrupt": batch["n_corrupt"] + B}
         src = torch.tensor(fill_slots(kept.tolist(), B), dtype=torch.long)
         take = kept[src]  # slot -> batch position of the image it holds
         out = {k: v for k, v in batch.items() if k not in ("encoded", "encoded_sizes")}
@@ -140,5 +141,5 @@ class DeviceAugment:
         for k in ("masks", "labels", "index"):
             if k in batch and len(batch[k]) == B:
                 out[k] = batch[k][take].to(dev)
-        self._last_good = {**out, "n_corrupt": 0}
+        self._last_good = batch  # encoded bytes on the host: small
         return out
