@@ -120,6 +120,7 @@ class TrainConfig:
     loss_scale_init: float = 65536.0
     loss_scale_window: int = 1000
     nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = 10  # nonfinite=skip: this many skipped steps in a row stop the run (exit 3)
     progress: bool = True
     log_mfu: bool = True  # count one step's FLOPs at start; log mfu and data_wait_pct
 
@@ -306,12 +307,19 @@ def validate(cfg: Config) -> Config:
     req(d.n_global >= 2, "data.n_global", "at least 2 global crops are needed")
     req(d.n_local >= 0, "data.n_local", "must be >= 0")
     req(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    req(d.num_workers >= 0, "data.num_workers", "must be >= 0 (0: load in the main process)")
+    req(d.global_size >= 1 and d.local_size >= 1, "data.global_size" if d.global_size < 1 else "data.local_size",
+        "must be >= 1")
     for k in ("global_scale", "local_scale"):
         lo, hi = getattr(d, k)
         req(0 < lo <= hi <= 1, f"data.{k}", "needs 0 < low <= high <= 1")
     req(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     req(t.max_steps is None or t.max_steps >= 0, "train.max_steps", "must be >= 0")
     req(t.epochs >= 1, "train.epochs", "must be >= 1")
+    req(t.log_every >= 1, "train.log_every", "must be >= 1 (steps between metric records)")
+    req(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+    req(cfg.sere.heads is None or cfg.sere.heads >= 1, "sere.heads",
+        "must be >= 1 (leave it unset for the backbone's attention heads)")
     req(t.loss_scale_init >= 1 and math.frexp(t.loss_scale_init)[0] == 0.5, "train.loss_scale_init",
         "must be a power of 2, >= 1")
     req(t.loss_scale_window >= 1, "train.loss_scale_window", "must be >= 1")
@@ -332,6 +340,28 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def validate_model(cfg: Config, embed_dim: int, num_heads: int, patch_size: int) -> None:
+    """Checks that need the resolved model (width, attention heads, patch size); the training start-up runs them
+    before anything is written to the run folder."""
+    if cfg.data.global_size % patch_size:
+        raise ConfigError(f"config key 'data.global_size': {cfg.data.global_size} is not a multiple of the patch "
+                          f"size {patch_size}")
+    m = cfg.sere.heads or num_heads
+    if embed_dim % m:
+        key = "sere.heads" if cfg.sere.heads else "model.num_heads"
+        raise ConfigError(f"config key '{key}': {m} relation heads do not divide the backbone width {embed_dim}")
+
+
+def _read_yaml(p: Path):
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"config file {where}: malformed YAML ({what})") from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:
     """Build a :class:`Config` from an optional YAML file and ``key.sub=value`` overrides."""
     cfg = Config()
@@ -339,7 +369,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple 
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file '{p}' does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_yaml(p) or {}
         _apply(cfg, data)
     for item in overrides:
         key, value = parse_override(item)

@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, [f"data.path={data / 'train'}", *args.overrides])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "sere_scale", "train", "--config", args.config, f"data.path={data / 'train'}", *args.overrides]
+           "-m", "sere_scale", "train", "--config", args.config, f"data.path={data / 'train'}", *args.overrides,
+           "--move-old"]  # a second `make demo` moves the previous demo run aside (<output_dir>.old-N)
     print("+", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     if rc != 0:

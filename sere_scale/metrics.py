@@ -1,4 +1,8 @@
-"""Run metrics: one JSON object per logged step in ``metrics.jsonl`` and TensorBoard scalars (rank 0)."""
+"""Run metrics: one JSON object per logged step in ``metrics.jsonl`` and TensorBoard scalars (rank 0).
+
+``metrics.jsonl`` is strict JSON: a non-finite figure (NaN, ±inf) is written as ``null`` and its key listed in
+the record's ``"nonfinite"`` field, e.g. ``{"loss": null, ..., "nonfinite": ["loss"]}``.
+"""
 from __future__ import annotations
 
 import json
@@ -28,9 +32,8 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(clean, default=float) + "\n")
+            f.write(strict_json(record) + "\n")
         if self.tb is not None:
             step = record.get("step", 0)
             for k, v in record.items():
@@ -40,6 +43,32 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+
+
+def _number(v):
+    """A JSON-able number for floats, ints and 0-d tensors / numpy scalars; other values unchanged."""
+    if isinstance(v, (bool, int, str)) or v is None:
+        return v
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def strict_json(record: dict) -> str:
+    """``record`` as one line of strict JSON: non-finite numbers become ``null``, their keys go in ``nonfinite``."""
+    clean, bad = {}, []
+    for k, v in record.items():
+        v = _number(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            clean[k] = None
+            bad.append(k)
+        else:
+            clean[k] = v
+    if bad:
+        clean["nonfinite"] = bad
+    return json.dumps(clean, allow_nan=False)
 
 
 def _parse(line: str) -> Optional[dict]:

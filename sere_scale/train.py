@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointManager, find_latest
-from .config import Config, save_config
+from . import nonfinite, startup
+from .checkpoint import CheckpointSaveError
+from .config import Config, ConfigError
 from .data.loader import build_train_loader
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import build_engine
@@ -31,8 +32,7 @@ EXIT_REQUEUE = 124  # exit code after a preemption checkpoint (slurm/ templates 
 REQUEUE_MARKER = "REQUEUE"
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+NonFiniteLoss = nonfinite.NonFiniteLoss
 
 
 class LiveMFU:
@@ -110,21 +110,22 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> dict:
-    """Run training as configured; returns a summary dict (step reached, last metrics, exit reason)."""
+def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_old: bool = False) -> dict:
+    """Run training as configured; returns a summary dict (step reached, last metrics, exit reason).
+
+    Nothing is written to ``output_dir`` before the config is validated against the model and data and the
+    resume point is loaded (``startup.py``); a refused start leaves the folder as it was."""
     info = info or init_distributed()
     run_dir = Path(cfg.output_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+    lock = startup.check_run_dir(run_dir, resume, move_old, info)
     # Models are built from the same seed on every rank (identical initial weights), then each rank gets
     # its own random stream (drop-path).
     torch.manual_seed(cfg.train.seed)
     student, teacher = build_student_teacher(cfg)
+    startup.validate_built(cfg, student)
     method = SEREMethod(cfg, student.backbone.num_heads)
     _seed_everything(cfg.train.seed, info.rank)
-    loader = build_train_loader(cfg, info.rank, info.world_size)
+    loader = startup.build_loader(cfg, info, build_train_loader)
     augment = None
     if cfg.data.augment == "gpu":
         from .data.encoded import DeviceAugment
@@ -132,21 +133,30 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     accum = cfg.train.grad_accum
     steps_per_epoch = loader.batches_per_epoch // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"an epoch has {loader.batches_per_epoch} batches per rank, fewer than "
-                         f"train.grad_accum={accum}")
+        raise ConfigError(f"config key 'train.grad_accum': an epoch has {loader.batches_per_epoch} batches per "
+                          f"rank, fewer than train.grad_accum={accum}")
     sched = build_schedules(cfg, steps_per_epoch, info.world_size)
+    if resume:
+        startup.check_resume_config(run_dir, cfg, info, loader)
     engine = build_engine(cfg, student, teacher, method, info)
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.is_main)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "n_corrupt": 0, "n_skipped": 0, "n_overflow": 0}
-    if resume:
-        latest = find_latest(run_dir)
-        if latest is None:
-            log.warning("--resume: no checkpoint under %s, starting from scratch", run_dir)
-        else:
-            state = engine.load(str(latest))
-            log.info("resumed from %s (step %d)", latest, state["step"])
+    loaded = startup.load_resume(engine, run_dir, cfg, info, loader) if resume else None
+    if loaded is not None:
+        state = loaded["state"]
+    # ---- from here on the run folder is written
+    ckpt = startup.open_run_dir(cfg, run_dir, info, lock, loaded, loader, move_old and not resume,
+                                REQUEUE_MARKER)
     metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None)
+    try:
+        return _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch)
+    finally:
+        metrics.close()
+        lock.release()
+
+
+def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch) -> dict:
+    accum = cfg.train.grad_accum
 
     total = sched.total_steps
     if cfg.train.max_steps is not None:
@@ -164,10 +174,11 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     mfu = LiveMFU(info.device, engine.precision) if cfg.train.log_mfu else None
 
     it = loader.epoch_iter(state["epoch"], state["batch"])
-    stop_now = False
+    stop_now, n_consecutive = False, 0
     while state["step"] < total:
         s = sched.at(state["step"])
         outs, finite = [], True
+        before, buffers = (state["epoch"], state["batch"]), nonfinite.BufferSnapshot(engine)
         counting = mfu.counting() if mfu is not None else contextlib.nullcontext()
         with counting:
             for k in range(accum):
@@ -196,29 +207,31 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                         break
                     engine.backward(out["loss"] / accum)
                 outs.append(out)
+        skipped = False
         if not finite:
             engine.zero_grad()
             method.discard_pending()
-            if cfg.train.nonfinite == "skip":
-                state["n_skipped"] += 1
-                log.warning("non-finite loss at step %d: step skipped (%d so far)", state["step"], state["n_skipped"])
-                state["step"] += 1
-                continue
-            saved = ckpt.save(engine, dict(state))
-            parts = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
-            msg = (f"non-finite loss at step {state['step']} (loss components: {parts}); the last good state is "
-                   f"checkpointed at {saved}. Lower the lr, or set train.nonfinite=skip to skip such steps.")
-            metrics.close()
-            raise NonFiniteLoss(msg)
-        grad_norm = engine.step(s["lr"], s["wd"], s["epoch"] < cfg.optim.freeze_last_layer)
-        if engine.step_skipped:
-            # fp16 overflow: the loss scaler skipped the optimiser step (and lowered the scale). The step is
-            # skipped as a whole, as under train.nonfinite=skip: the teacher does not move, the centers ignore it.
-            method.discard_pending()
-            state["n_overflow"] = state.get("n_overflow", 0) + 1
+            buffers.restore()  # the failing forward wrote into BatchNorm running stats: undo it
+            if cfg.train.nonfinite == "stop":
+                state["epoch"], state["batch"] = before  # the state from before the failing step
+                raise nonfinite.stop(cfg, engine, ckpt, state, out, metrics)
+            state["n_skipped"] += 1
+            n_consecutive += 1
+            log.warning("non-finite loss at step %d: step skipped (%d so far, %d in a row)", state["step"],
+                        state["n_skipped"], n_consecutive)
+            skipped, outs, grad_norm = True, [out], None
         else:
-            engine.ema_update(s["momentum"])
-            method.after_step()
+            n_consecutive = 0
+        if not skipped:
+            grad_norm = engine.step(s["lr"], s["wd"], s["epoch"] < cfg.optim.freeze_last_layer)
+            if engine.step_skipped:
+                # fp16 overflow: the loss scaler skipped the optimiser step (and lowered the scale). The step is
+                # skipped as a whole, as under train.nonfinite=skip: the teacher does not move, the centers ignore it.
+                method.discard_pending()
+                state["n_overflow"] = state.get("n_overflow", 0) + 1
+            else:
+                engine.ema_update(s["momentum"])
+                method.after_step()
         state["step"] += 1
         if state["batch"] >= steps_per_epoch * accum:  # epoch end; leftover (batches % accum) micro-batches dropped
             state["epoch"] += 1
@@ -239,6 +252,8 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "n_corrupt": state["n_corrupt"], "n_skipped": state["n_skipped"],
                    "data_wait_pct": 100.0 * window_wait / max(dt, 1e-9)}
+            if skipped:
+                rec["skipped"] = True  # train.nonfinite=skip: this step's (non-finite) losses, no update
             if mfu is not None and mfu.flops_per_step:
                 rec["mfu"] = mfu.value(window_steps, dt)
             scale = engine.loss_scale()
@@ -266,6 +281,9 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             state["n_corrupt"] += _global_count(window_corrupt, info)
             window_corrupt = 0
             ckpt.save(engine, dict(state))
+        if n_consecutive >= cfg.train.max_consecutive_skips:
+            metrics.close()
+            raise nonfinite.diverged(cfg, ckpt, n_consecutive, state["step"])
         if stop_now:
             exit_reason = "preempted"
             break
@@ -275,17 +293,21 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     return {"step": state["step"], "exit": exit_reason, "last": last_record, "engine": engine}
 
 
-def main_train(cfg: Config, resume: bool) -> int:
+def main_train(cfg: Config, resume: bool, move_old: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     info = init_distributed()
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        result = train(cfg, resume=resume, info=info)
+        result = train(cfg, resume=resume, info=info, move_old=move_old)
     except NonFiniteLoss as e:
         log.error("%s", e)
         cleanup()
         return EXIT_NONFINITE
+    except CheckpointSaveError as e:
+        log.error("%s", e)
+        cleanup()
+        return 1
     cleanup()
     if result["exit"] == "preempted":
         if info.is_main:

@@ -169,6 +169,9 @@ def test_a_skipped_nonfinite_step_leaves_the_same_state_as_under_ddp(one_rank):
     for ref, other, skipped in (("skip_ddp_accum2", "skip_fsdp_accum2", 2), ("skip_ddp_accum1", "skip_zero2_accum1", 3),
                                 ("skip_ddp_accum1", "skip_zero3_accum1", 3)):
         a, b = read_metrics(tmp / ref), read_metrics(tmp / other)
+        for rows in (a, b):  # the skipped step is logged too, flagged (its losses null)
+            assert [r["step"] for r in rows if r.get("skipped")] == [skipped], (other, rows)
+        a, b = [r for r in a if not r.get("skipped")], [r for r in b if not r.get("skipped")]
         logged = [s for s in range(1, 7) if s != skipped]
         assert [r["step"] for r in a] == logged and [r["step"] for r in b] == logged, (other, b)
         assert a[-1]["n_skipped"] == b[-1]["n_skipped"] == 1

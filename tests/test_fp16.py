@@ -15,7 +15,6 @@ independent expectations:
 One 2-rank launch (tests/dist/engines_run.py) holds every training run, and also runs FSDP with
 ``engine.compile=true`` (tests/test_compile.py covers compile under DDP).
 """
-import math
 
 import pytest
 import torch
@@ -124,7 +123,7 @@ def test_an_inf_gradient_on_one_rank_skips_the_step_everywhere_and_halves_the_sc
         assert any(not torch.equal(a[k], b[k]) for k in a), (name, part)
     rows = read_metrics(tmp / name)
     assert [r["step"] for r in rows] == list(range(1, 7))  # an overflow step is a step: logged, scheduled
-    non_finite = {r["step"] for r in rows if not math.isfinite(r["grad_norm"])}
+    non_finite = {r["step"] for r in rows if "grad_norm" in r.get("nonfinite", ())}  # inf: null in strict JSON
     assert non_finite == {SKIPPED}  # only the injected one: no natural overflow at these scales
     assert [r["loss_scale"] for r in rows] == expected_scales(non_finite, 6, deepspeed=name == "zero2")
     assert [r["n_overflow"] for r in rows] == [0, 1, 1, 1, 1, 1]
@@ -154,7 +153,7 @@ def test_the_loss_scale_is_checkpointed_and_resume_is_exact(runs, name):
 @pytest.mark.parametrize("name", ENGINES)
 def test_the_fp16_loss_curve_stays_close_to_fp32(runs, name):
     tmp, _ = runs
-    ref = {r["step"]: r for r in read_metrics(tmp / "ref32")}
+    ref = {r["step"]: r for r in read_metrics(tmp / "ref32") if not r.get("skipped")}  # skipped: logged, flagged
     assert sorted(ref) == [1, 3, 4, 5, 6] and ref[6]["n_skipped"] == 1  # fp32 skipped the same step
     for r in read_metrics(tmp / name):
         if r["step"] == SKIPPED:
@@ -178,7 +177,8 @@ def test_compiled_fsdp_with_activation_checkpointing_reproduces_the_eager_curve(
     tmp, rep = runs
     a, b = read_metrics(tmp / "ref32"), read_metrics(tmp / "fsdp_compiled")
     assert rep["fsdp_compiled"]["step"] == 6 and [r["step"] for r in b] == [r["step"] for r in a]
-    for ra, rb in zip(a, b):
+    assert [r.get("skipped") for r in a] == [r.get("skipped") for r in b]
+    for ra, rb in ((ra, rb) for ra, rb in zip(a, b) if not ra.get("skipped")):
         for k in CURVE_KEYS:
             assert rb[k] == pytest.approx(ra[k], rel=2e-5, abs=1e-7), (ra["step"], k, ra[k], rb[k])
 

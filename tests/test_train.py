@@ -118,9 +118,11 @@ def test_nonfinite_loss_skip_policy_counts(tmp_path, small_data, monkeypatch):
     out = train(cfg)
     assert out["step"] == 4
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 3, 4]  # the skipped step is not logged as a trained one
-    assert rows[-1]["n_skipped"] == 1
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the skipped step is logged like any other
+    assert rows[1]["skipped"] is True and rows[1]["loss"] is None and "loss" in rows[1]["nonfinite"]
+    assert not any(r.get("skipped") for r in rows[::2] + rows[3:])
+    assert [r["n_skipped"] for r in rows] == [0, 1, 1, 1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if not r.get("skipped"))
     sd = torch.load(find_latest(tmp_path / "run") / "model.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in sd["student"].values() if v.is_floating_point())
 
@@ -166,3 +168,103 @@ def test_training_from_webdataset_shards_with_exact_resume(tmp_path, digits_root
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), ra["step"]
+
+
+def _nan_input_at(monkeypatch, calls_nan):
+    """From the ``calls_nan`` forward calls on (a set of call numbers, counted from 1) the crops are NaN: the
+    forward itself goes non-finite, BatchNorm running statistics included."""
+    orig = SEREMethod.forward
+    calls = {"n": 0}
+
+    def forward(self, student, teacher, batch, s):
+        calls["n"] += 1
+        if calls["n"] in calls_nan:
+            batch = {**batch, "crops": [c * float("nan") for c in batch["crops"]]}
+        return orig(self, student, teacher, batch, s)
+    monkeypatch.setattr(SEREMethod, "forward", forward)
+
+
+def _tensors(sd, prefix=""):
+    """Every tensor of a nested checkpoint dict, by path."""
+    if isinstance(sd, torch.Tensor):
+        yield prefix, sd
+    elif isinstance(sd, dict):
+        for k, v in sd.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(sd, (list, tuple)):
+        for i, v in enumerate(sd):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+@pytest.mark.parametrize("fail_call, periodic", [(5, True), (4, False)])
+def test_nonfinite_stop_checkpoints_the_state_before_the_step(tmp_path, small_data, monkeypatch, fail_call,
+                                                              periodic):
+    """checkpoint.every_steps=2. NaN crops in step 5 (after the periodic checkpoint of step 4: it must be kept as
+    written) or in step 4 (the state after step 3 is saved). Either way the checkpoint holds exactly the state of an
+    uninterrupted run stopped before that step: every tensor finite, BatchNorm running stats included."""
+    good_steps = fail_call - 1
+    ref = tmp_path / "ref"
+    train(tiny_config(ref, small_data, f"train.max_steps={good_steps}", "checkpoint.every_steps=2"))
+    ref_sd = torch.load(ref / "checkpoints" / f"step_{good_steps:08d}" / "model.pt", weights_only=False)
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _nan_input_at(m, {fail_call})
+        with pytest.raises(NonFiniteLoss, match=f"non-finite loss at step {good_steps}"):
+            train(tiny_config(run, small_data, "train.max_steps=8", "checkpoint.every_steps=2"))
+    latest = find_latest(run)
+    assert latest.name == f"step_{good_steps:08d}"
+    sd = torch.load(latest / "model.pt", weights_only=False)
+    got, want = dict(_tensors(sd)), dict(_tensors(ref_sd))
+    assert got.keys() == want.keys()
+    bn = [k for k in got if "running_" in k]
+    assert bn, "the relation heads' BatchNorm statistics are in the checkpoint"
+    for k, v in got.items():
+        if v.is_floating_point():
+            assert torch.isfinite(v).all(), k
+        assert torch.equal(v, want[k]), k
+    assert sd["train_state"] == ref_sd["train_state"] and sd["train_state"]["step"] == good_steps
+    # the run resumes from it and trains on
+    out = train(tiny_config(run, small_data, f"train.max_steps={good_steps + 1}", "checkpoint.every_steps=2"),
+                resume=True)
+    assert out["step"] == good_steps + 1
+
+
+def test_nonfinite_skip_on_the_last_step_still_logs_and_checkpoints(tmp_path, small_data, monkeypatch):
+    _nan_input_at(monkeypatch, {4})
+    train(tiny_config(tmp_path / "run", small_data, "train.max_steps=4", "train.nonfinite=skip"))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["skipped"] and rows[-1]["n_skipped"] == 1
+    latest = find_latest(tmp_path / "run")
+    assert latest.name == "step_00000004"
+    sd = torch.load(latest / "model.pt", weights_only=False)
+    assert sd["train_state"]["step"] == 4 and sd["train_state"]["n_skipped"] == 1
+    for k, v in _tensors(sd):
+        assert not v.is_floating_point() or torch.isfinite(v).all(), k
+
+
+def test_consecutive_skips_stop_the_run_with_exit_3(tmp_path, small_data, monkeypatch):
+    from sere_scale.train import EXIT_NONFINITE, main_train
+    _nan_input_at(monkeypatch, set(range(3, 100)))  # diverged from step 3 on
+    cfg = tiny_config(tmp_path / "run", small_data, "train.max_steps=20", "train.nonfinite=skip",
+                      "train.max_consecutive_skips=4")
+    assert main_train(cfg, resume=False) == EXIT_NONFINITE == 3
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("skipped", False) for r in rows] == [False] * 2 + [True] * 4
+    sd = torch.load(find_latest(tmp_path / "run") / "model.pt", weights_only=False)  # step 6 (every 3 steps)
+    for k, v in _tensors(sd):
+        assert not v.is_floating_point() or torch.isfinite(v).all(), k
+
+
+def test_metrics_are_strict_json(tmp_path, small_data, monkeypatch):
+    import json
+
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+    _nan_at(monkeypatch, 2)
+    train(tiny_config(tmp_path / "run", small_data, "train.max_steps=3", "train.nonfinite=skip"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(ln, parse_constant=refuse) for ln in lines]
+    assert recs[1]["loss"] is None and set(recs[1]["nonfinite"]) >= {"loss"}
+    assert all(recs[1][k] is None for k in recs[1]["nonfinite"])
+    assert "nonfinite" not in recs[0] and isinstance(recs[0]["loss"], float)

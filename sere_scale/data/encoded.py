@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from .corrupt import NoReadableSample, fill_corrupt, fill_slots
 from .folder import ImageFolderSSL
 from .gpu_multicrop import GPUMultiCrop
 from .masking import MaskGenerator
@@ -51,8 +52,8 @@ class EncodedSSLTransform:
 
 
 class EncodedImageFolder(ImageFolderSSL):
-    """Items ``{"encoded", "masks", "label", "index"}``; ``None`` if the file cannot be read (decoding, and so
-    the check for corrupt content, happens on the device)."""
+    """Items ``{"encoded", "masks", "label", "index"}``; a ``corrupt.Corrupt`` marker if the file cannot be read
+    (decoding, and so the check for corrupt content, happens on the device)."""
 
     def __getitem__(self, index: int):
         path, label = self.items[index]
@@ -61,7 +62,7 @@ class EncodedImageFolder(ImageFolderSSL):
                 data = f.read()
         except OSError as e:
             log.warning("skipping unreadable image %s: %s", path, e)
-            return None
+            return self.corrupt(index)
         with sample_rng(self.seed, self.epoch, index):
             out = self.transform(data)
         out["label"], out["index"] = label, index
@@ -69,19 +70,20 @@ class EncodedImageFolder(ImageFolderSSL):
 
 
 def collate_encoded(samples: list) -> dict:
-    """Batch of encoded samples; ``None`` samples are dropped and counted in ``n_corrupt``.
+    """Batch of ``len(samples)`` encoded samples; corrupt ones (``None`` or ``corrupt.Corrupt``) are replaced by
+    readable ones of the batch (``corrupt.fill_corrupt``) and counted in ``n_corrupt``.
 
     The images travel packed in one uint8 tensor ``encoded`` with their byte counts ``encoded_sizes`` (one
     shared-memory segment per batch from a worker, not one per image); ``split_encoded`` unpacks them.
     """
-    good = [s for s in samples if s is not None]
+    good, n_bad = fill_corrupt(samples)
     enc = [s["encoded"].reshape(-1) for s in good]
-    out = {"encoded": torch.cat(enc) if enc else torch.zeros(0, dtype=torch.uint8),
+    out = {"encoded": torch.cat(enc),
            "encoded_sizes": torch.tensor([e.numel() for e in enc], dtype=torch.long),
            "labels": torch.tensor([int(s.get("label", -1)) for s in good], dtype=torch.long),
-           "n_corrupt": len(samples) - len(good)}
-    out["masks"] = torch.stack([s["masks"] for s in good]) if good else torch.zeros(0, dtype=torch.bool)
-    if good and "index" in good[0]:
+           "n_corrupt": n_bad}
+    out["masks"] = torch.stack([s["masks"] for s in good])
+    if "index" in good[0]:
         out["index"] = torch.tensor([int(s["index"]) for s in good], dtype=torch.long)
     return out
 
@@ -99,10 +101,18 @@ def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
 
 
 class DeviceAugment:
-    """Encoded batch → ``collate_ssl``-style batch on the device (crops, boxes, flips, masks, labels)."""
+    """Encoded batch → ``collate_ssl``-style batch on the device (crops, boxes, flips, masks, labels).
+
+    Images that do not decode keep their slot: it takes the crops (and mask, label, index) of the next decoded
+    image of the batch (``corrupt.fill_slots``) and is counted in ``n_corrupt``. A batch in which no image decodes
+    is replaced by the previous batch with a decodable image (kept encoded, on the host), cropped afresh with this
+    batch's seed (if there is none yet, ``NoReadableSample``); only this last case depends on the run's history (a
+    resume at that very batch would fail instead).
+    """
 
     def __init__(self, multicrop: GPUMultiCrop, seed: int = 0, rank: int = 0):
         self.multicrop, self.seed, self.rank = multicrop, seed, rank
+        self._last_good = None
 
     @classmethod
     def from_config(cls, cfg, device, rank: int = 0) -> DeviceAugment:
@@ -116,10 +126,20 @@ class DeviceAugment:
         images = split_encoded(batch)
         res = self.multicrop(images, generator=g)
         kept, dev, B = res["kept"], self.multicrop.device, len(images)
+        if len(kept) == 0:
+            if self._last_good is None:
+                raise NoReadableSample(f"no image of batch {index} (epoch {epoch}) decodes, nor of any before it")
+            log.warning("no image of batch %d (epoch %d) decodes: it takes the previous readable batch's images",
+                        index, epoch)
+            return {**self(self._last_good, epoch, index), "n_corrupt": batch["n_corrupt"] + B}
+        src = torch.tensor(fill_slots(kept.tolist(), B), dtype=torch.long)
+        take = kept[src]  # slot -> batch position of the image it holds
         out = {k: v for k, v in batch.items() if k not in ("encoded", "encoded_sizes")}
-        out.update(crops=res["crops"], boxes=res["boxes"], flips=res["flips"],
-                   n_corrupt=batch["n_corrupt"] + B - len(kept))
+        src_dev = src.to(res["boxes"].device)
+        out.update(crops=[c[src_dev] for c in res["crops"]], boxes=res["boxes"][src_dev],
+                   flips=res["flips"][src_dev], n_corrupt=batch["n_corrupt"] + B - len(kept))
         for k in ("masks", "labels", "index"):
             if k in batch and len(batch[k]) == B:
-                out[k] = batch[k][kept].to(dev)
+                out[k] = batch[k][take].to(dev)
+        self._last_good = batch  # encoded bytes on the host: small
         return out

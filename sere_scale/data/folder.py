@@ -1,6 +1,7 @@
 """ImageNet-style folder dataset (class sub-folders) with corrupt-image skipping and deterministic crops."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Callable, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .corrupt import Corrupt, NoReadableSample
 from .transform import sample_rng
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,8 @@ def load_rgb(path: str) -> Optional[Image.Image]:
 
 
 class ImageFolderSSL(Dataset):
-    """Items are ``transform(image)`` dicts plus ``label``/``index``, or ``None`` for a corrupt file.
+    """Items are ``transform(image)`` dicts plus ``label``/``index``, or a ``corrupt.Corrupt`` marker for a corrupt
+    file (the collate fills its slot: ``corrupt.fill_corrupt``).
 
     ``set_epoch`` changes the augmentation seed; each item's randomness depends only on (seed, epoch, index).
     """
@@ -64,8 +67,20 @@ class ImageFolderSSL(Dataset):
         path, label = self.items[index]
         img = load_rgb(path)
         if img is None:
-            return None
+            return self.corrupt(index)
         with sample_rng(self.seed, self.epoch, index):
             out = self.transform(img)
         out["label"], out["index"] = label, index
         return out
+
+    def corrupt(self, index: int) -> Corrupt:
+        return Corrupt(index, functools.partial(self.readable_after, index))
+
+    def readable_after(self, index: int):
+        """The next readable item after ``index`` in file order (wrapping): an all-corrupt batch's fallback."""
+        n = len(self)
+        for k in range(1, n):
+            item = self[(index + k) % n]
+            if not isinstance(item, Corrupt):
+                return item
+        raise NoReadableSample(f"no image of the {n} under the data folder can be read")

@@ -9,8 +9,10 @@ seed, world size, batch size, worker count and shuffle buffer are unchanged (``l
 
 Per sample: the stored image bytes are opened lazily, ``seed_sample(seed, epoch, global id)`` seeds the
 augmentation, and ``transform`` (e.g. ``SSLTransform``) makes crops, boxes, flips and iBOT masks; batches are
-``collate_ssl`` dicts plus ``index`` (global sample ids of the kept samples). A sample that is missing, does not
-decode or lies in a truncated part of a tar still takes its slot and is counted in the batch's ``n_corrupt``.
+``collate_ssl`` dicts plus ``index`` (global sample ids of the samples in the batch). A sample that is missing, does
+not decode or lies in a truncated part of a tar keeps its slot: it is filled with the next readable sample of the
+batch (``corrupt.fill_corrupt``; a batch with none takes the first readable sample of the reader stream's epoch) and
+counted in the batch's ``n_corrupt``, so every batch holds ``batch_size`` samples.
 
 With an encoded transform (``data.augment=gpu``: ``encoded.EncodedSSLTransform``, or any transform with
 ``takes_bytes = True``) nothing is decoded here: the transform gets the stored image member's bytes (under the same
@@ -30,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .corrupt import Corrupt, NoReadableSample, fill_corrupt
 from .shardlist import ShardSet, is_local, resolve_shards
 from .shardplan import batches_per_epoch, consumed_batches, stream_batches, stream_order, stream_pieces
 from .shardread import iter_piece
@@ -181,22 +184,36 @@ class ShardLoader:
         pending: dict[int, tuple] = {}
         batch = []
         keep_rng = get_worker_info() is None  # in the main process: leave the caller's RNG state alone
+
+        def fallback():
+            return self._first_readable(epoch, s, pieces, len(order), keep_rng)
         for p in order[start:]:
             while p not in pending:
                 q, item = next(reader)
                 pending[q] = item
-            batch.append(self._make(epoch, *pending.pop(p), keep_rng=keep_rng))
+            made = self._make(epoch, *pending.pop(p), keep_rng=keep_rng)
+            batch.append(Corrupt(-1, fallback) if made is None else made)
             if len(batch) == B:
                 yield self._collate(batch)
                 batch = []
 
+    def _first_readable(self, epoch: int, s: int, pieces, n: int, keep_rng: bool) -> dict:
+        """The first readable sample of stream ``s``'s epoch, in read order: an all-corrupt batch's fallback."""
+        for _, item in self._positions(pieces, bytearray(n)):
+            made = self._make(epoch, *item, keep_rng=keep_rng)
+            if made is not None:
+                return made
+        raise NoReadableSample(f"no sample of rank {self.rank}'s reader stream {s} in epoch {epoch} is readable")
+
     def _collate(self, samples: list) -> dict:
+        samples, n_bad = fill_corrupt(samples)
         if self.encoded:
             from .encoded import collate_encoded
             out = collate_encoded(samples)
         else:
             out = collate_ssl(samples)
-        out["index"] = torch.tensor([s["index"] for s in samples if s is not None], dtype=torch.long)
+        out["n_corrupt"] += n_bad
+        out["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         return out
 
     def _make(self, epoch: int, pc, j: int, sample, keep_rng: bool = False) -> dict | None:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .corrupt import fill_corrupt
 from .masking import MaskGenerator
 from .multicrop import MultiCrop
 
@@ -60,16 +61,13 @@ class SSLTransform:
 
 
 def collate_ssl(samples: list) -> dict:
-    """Stack per-sample dicts into a batch; ``None`` samples (corrupt inputs) are dropped and counted.
+    """Stack per-sample dicts into a batch of ``len(samples)``; corrupt samples (``None`` or ``corrupt.Corrupt``)
+    are replaced by readable ones of the batch (``corrupt.fill_corrupt``) and counted.
 
     Batch: ``crops`` [V × (B,3,S,S)], ``boxes`` (B,V,4), ``flips`` (B,V), ``masks`` (B,n_global,h,w),
     ``labels`` (B,), ``n_corrupt`` (int).
     """
-    good = [s for s in samples if s is not None]
-    n_bad = len(samples) - len(good)
-    if not good:
-        return {"crops": [], "boxes": torch.zeros(0, 0, 4), "flips": torch.zeros(0, 0, dtype=torch.bool),
-                "masks": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "n_corrupt": n_bad}
+    good, n_bad = fill_corrupt(samples)
     V = len(good[0]["crops"])
     return {
         "crops": [torch.stack([s["crops"][v] for s in good]) for v in range(V)],

@@ -23,7 +23,8 @@ def main():
     eng = out["engine"]
     checks = {}
     for name, t in (("student", flat(eng.student_module)), ("teacher", flat(eng.teacher_module)),
-                    ("center", eng.method.dino.center.flatten())):
+                    ("center", eng.method.dino.center.flatten() if eng.method.dino is not None  # none: MoCo v3
+                     else torch.zeros(1))):
         gathered = [torch.zeros_like(t) for _ in range(info.world_size)]
         dist.all_gather(gathered, t)
         checks[name] = max(float((g - gathered[0]).abs().max()) for g in gathered)

@@ -1,0 +1,57 @@
+"""``train.nonfinite``: what the training loop does when a loss is NaN/inf on any rank.
+
+- ``stop``: the state from before the failing step is checkpointed — the BatchNorm running statistics the
+  failing forward already updated are restored from a snapshot taken before the step, the data position is that
+  of the step's first micro-batch — unless this run's newest checkpoint is of that very step (then it *is* that
+  state and is kept, never rewritten); exit code 3.
+- ``skip``: the step is dropped (no update; buffers restored) but counts: it is logged (its non-finite losses as
+  ``null``, ``"skipped": true``) and checkpointed like any other step. ``train.max_consecutive_skips`` skipped
+  steps in a row mean the run diverged: it stops with exit code 3 (its newest checkpoint stays).
+"""
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import read_meta
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _modules(engine):
+    for name in ("student", "teacher"):
+        m = getattr(engine, name, None)
+        if isinstance(m, torch.nn.Module):
+            yield m
+
+
+class BufferSnapshot:
+    """Copies of the student's and teacher's buffers (BatchNorm running stats, ...), restorable in place."""
+
+    def __init__(self, engine):
+        self.saved = [(b, b.detach().clone()) for m in _modules(engine) for b in m.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+
+
+def stop(cfg, engine, ckpt, state: dict, out: dict, metrics) -> NonFiniteLoss:
+    """Checkpoint the pre-step ``state`` (unless the newest checkpoint is of this step) and return the error."""
+    latest = ckpt.latest()
+    if latest is not None and read_meta(latest).get("step") == state["step"]:
+        saved = latest  # already the state from before this step: keep it as written
+    else:
+        saved = ckpt.save(engine, dict(state))
+    parts = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
+    metrics.close()
+    return NonFiniteLoss(f"non-finite loss at step {state['step']} (loss components: {parts}); the last good state "
+                         f"is checkpointed at {saved}. Lower the lr, or set train.nonfinite=skip to skip such steps.")
+
+
+def diverged(cfg, ckpt, n: int, step: int) -> NonFiniteLoss:
+    return NonFiniteLoss(f"{n} consecutive steps had a non-finite loss (up to step {step}; "
+                         f"train.max_consecutive_skips={cfg.train.max_consecutive_skips}): the run has diverged. "
+                         f"Newest checkpoint: {ckpt.latest()}. Resume from an earlier checkpoint with a lower lr.")
