@@ -36,7 +36,7 @@ class EncodedSSLTransform:
     @classmethod
     def from_config(cls, cfg) -> EncodedSSLTransform:
         d, il = cfg.data, cfg.image_loss
-        from ..models.backbone import patch_size_of
+        from ..arch import patch_size_of
         masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
         return cls(d.n_global, d.global_size, patch_size_of(cfg.model), masks)
 

@@ -45,7 +45,7 @@ class SSLTransform:
         crop_cls = FastMultiCrop if d.crop_impl == "fast" else MultiCrop
         mc = crop_cls(d.global_size, d.local_size, d.n_global, d.n_local, d.global_scale, d.local_scale,
                        photometric=d.photometric)
-        from ..models.backbone import patch_size_of
+        from ..arch import patch_size_of
         masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
         return cls(mc, patch_size_of(cfg.model), masks)
 

@@ -8,14 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-
-LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+from ..precision import lowp_dtype, resolve_precision
 
 
 def ensure_process_group(info) -> None:
@@ -119,7 +112,7 @@ class Engine:
     # ------------------------------------------------------------------ forward
     def autocast(self):
         """bf16/fp16 autocast on any device (CPU autocast supports both); fp32: nothing."""
-        dtype = LOWP.get(self.precision)
+        dtype = lowp_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def no_sync(self, active: bool):

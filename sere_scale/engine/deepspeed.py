@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import ranks_per_node
+from ..precision import lowp_dtype
 from ..models.load import TEACHER_READERS
 from .base import Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, rng_state, set_rng_state
 from .params import is_last_layer, param_groups
@@ -45,7 +46,6 @@ log = logging.getLogger("sere_scale")
 DS_TAG = "deepspeed"
 EXTRA_FILE = "extra.pt"
 TEACHER_FILE = "teacher.pt"
-_LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # torch >= 2.14 renames all_gather_into_tensor (same arguments)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -90,7 +90,7 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if precision in _LOWP:
+    if lowp_dtype(precision) is not None:
         ds["communication_data_type"] = "fp32"  # gradients reduced in fp32
     user = cfg.engine.deepspeed_config
     if user:
@@ -245,7 +245,7 @@ class DeepSpeedEngine(Engine):
         self.world = dist.get_world_size()
         self.ds_config = deepspeed_config(cfg, self.world, self.precision)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
-        self.lowp = _LOWP.get(self.precision)
+        self.lowp = lowp_dtype(self.precision)
         self._pending, self._warned_pending = False, False
         student.to(self.device)
         teacher.to(self.device)

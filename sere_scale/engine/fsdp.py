@@ -30,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..distributed import ranks_per_node
+from ..precision import lowp_dtype
 from ..models.load import TEACHER_READERS
 from .base import Engine, apply_ac_and_compile, ema_, ensure_process_group, rng_state, set_rng_state
 from .params import last_layer_params, param_groups
@@ -40,7 +41,6 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 
 DCP_DIR = "dcp"
 EXTRA_FILE = "extra.pt"
-_LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_mesh(strategy: str, world: int, device_type: str, node_size: int = 0):
@@ -58,7 +58,7 @@ def build_mesh(strategy: str, world: int, device_type: str, node_size: int = 0):
 def mp_policies(precision: str) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
     """(backbone policy, heads policy). fp32 reductions in every case; low-precision parameters only in the
     backbone's compute copies."""
-    lowp = _LOWP.get(precision)
+    lowp = lowp_dtype(precision)
     if lowp is None:
         return MixedPrecisionPolicy(), MixedPrecisionPolicy()
     return (MixedPrecisionPolicy(param_dtype=lowp, reduce_dtype=torch.float32),
@@ -164,7 +164,7 @@ class FSDPEngine(Engine):
     # ------------------------------------------------------------------ training
     def autocast(self):
         # the backbone computes in param_dtype already; autocast covers the fp32 heads (any device)
-        lowp = _LOWP.get(self.precision)
+        lowp = lowp_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=lowp) if lowp else super().autocast()
 
     def no_sync(self, active: bool):

@@ -33,7 +33,6 @@ class SERENet(nn.Module):
         self.rel_local = None
         if with_local and not share_local_heads:
             self.rel_local = RelationHeads(C)
-        self.share_local_heads = share_local_heads
 
     def _branch(self, x, heads: RelationHeads, mask, predict: bool, is_global: bool) -> dict:
         f = self.backbone(x, mask)
