@@ -65,11 +65,13 @@ def cast_floating(x, dtype: torch.dtype):
 
 def apply_ac_and_compile(net, ac: bool, compile_blocks: bool) -> None:
     """The first two steps of every backend's ``parallelize`` (torchtitan order: activation checkpointing →
-    compile → wrapping/sharding): per-block activation checkpointing (the backbone's own flag), then
-    ``torch.compile`` of each transformer block in place (parameter names unchanged)."""
-    net.backbone.checkpoint_activations = bool(ac)
+    compile → wrapping/sharding): per-block activation checkpointing (the plan's switch), then
+    ``torch.compile`` of each transformer block in place (parameter names unchanged); the units come from the
+    network's ``parallel_plan()`` (``models/plan.py``)."""
+    plan = net.parallel_plan()
+    plan.set_activation_checkpointing(ac)
     if compile_blocks:
-        for blk in net.backbone.vit.blocks:
+        for blk in plan.blocks:
             blk.compile()
 
 

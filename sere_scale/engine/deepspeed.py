@@ -37,9 +37,8 @@ import torch.distributed as dist
 
 from ..distributed import ranks_per_node
 from ..precision import lowp_dtype
-from ..models.load import TEACHER_READERS
 from .base import Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, rng_state, set_rng_state
-from .params import is_last_layer, param_groups
+from .params import param_groups
 
 log = logging.getLogger("sere_scale")
 
@@ -255,7 +254,8 @@ class DeepSpeedEngine(Engine):
         self.student_module = self.ds.module
         _fp32_buffers(self.ds.module)
         self.student = _CastInputs(self.ds, self.lowp)
-        self._last = [p for n, p in self.ds.module.named_parameters() if is_last_layer(n)]
+        frozen = self.ds.module.parallel_plan().is_frozen_early
+        self._last = [p for n, p in self.ds.module.named_parameters() if frozen(n)]
         n_teacher = len(list(teacher.named_parameters()))
         if self.stage == 3:
             self.teacher_ds = teacher_ds
@@ -461,6 +461,3 @@ def read_deepspeed_teacher(ckpt_dir: str | Path) -> dict:
         out[name] = flat[:n].view(shape).clone()
     out.update(shards[0]["buffers"])
     return out
-
-
-TEACHER_READERS["deepspeed"] = read_deepspeed_teacher
