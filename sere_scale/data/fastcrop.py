@@ -28,7 +28,7 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
 from .multicrop import MultiCrop, sample_crop
 
@@ -148,7 +148,7 @@ class FastMultiCrop(MultiCrop):
         r = min(min(w, h) / size for size, _, _, h, w, _ in views)
         return next((k for k in (8, 4, 2) if r >= k), 1)
 
-    def _jitter_ops(self, v: int):
+    def _jitter_ops(self):
         r, ops = self.recipe, []
         if random.random() < r.jitter_p:
             (b0, b1), (c0, c1), (s0, s1), (h0, h1) = r.jitter_ranges()
@@ -160,17 +160,10 @@ class FastMultiCrop(MultiCrop):
             ops.append(("gray", 1.0))
         return ops
 
-    def _photometric(self, img: Image.Image, v: int) -> Image.Image:
-        r = self.recipe
-        blur_p, sol_p = r.view_probs(v)
-        ops = self._jitter_ops(v)
-        if ops:
-            img = apply_color_ops(img, ops)
-        if random.random() < blur_p:
-            img = img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*r.blur_sigma)))
-        if random.random() < sol_p:
-            img = ImageOps.solarize(img, r.solarize_threshold)
-        return img
+    def _colour(self, img: Image.Image) -> Image.Image:
+        """The same draws as ``MultiCrop._colour``, applied as fused colour matrices and a hue table."""
+        ops = self._jitter_ops()
+        return apply_color_ops(img, ops) if ops else img
 
     def __call__(self, img: Image.Image) -> dict:
         W, H = img.size

@@ -62,13 +62,18 @@ class MultiCrop(RecipeViews):
         self.jitter = T.ColorJitter(*r.jitter)
         self.mean, self.std = torch.tensor(r.mean).view(3, 1, 1), torch.tensor(r.std).view(3, 1, 1)
 
+    def _colour(self, img: Image.Image) -> Image.Image:
+        """Colour jitter with ``jitter_p``, then grayscale with ``gray_p`` (torchvision's PIL ops)."""
+        if random.random() < self.recipe.jitter_p:
+            img = self.jitter(img)
+        if random.random() < self.recipe.gray_p:
+            img = ImageOps.grayscale(img).convert("RGB")
+        return img
+
     def _photometric(self, img: Image.Image, v: int) -> Image.Image:
         r = self.recipe
         blur_p, sol_p = r.view_probs(v)
-        if random.random() < r.jitter_p:
-            img = self.jitter(img)
-        if random.random() < r.gray_p:
-            img = ImageOps.grayscale(img).convert("RGB")
+        img = self._colour(img)
         if random.random() < blur_p:
             img = img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*r.blur_sigma)))
         if random.random() < sol_p:

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..config import DataConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -29,13 +31,15 @@ class AugmentRecipe:
     ``solarize_p`` → normalisation by ``mean``/``std``. ``blur_p``/``solarize_p`` are per view kind: (first
     global, second global, local); further global views alternate between the two global recipes."""
 
-    global_size: int = 224
-    local_size: int = 96
-    n_global: int = 2
-    n_local: int = 10
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    photometric: bool = True
+    # the crop geometry: ``data.*`` keys, with their defaults
+    global_size: int = DataConfig.global_size
+    local_size: int = DataConfig.local_size
+    n_global: int = DataConfig.n_global
+    n_local: int = DataConfig.n_local
+    global_scale: tuple[float, float] = DataConfig.global_scale
+    local_scale: tuple[float, float] = DataConfig.local_scale
+    photometric: bool = DataConfig.photometric
+    # the paper's recipe (METHOD.md)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
