@@ -189,31 +189,24 @@ class _FragmentEMA:
 
 
 # ---------------------------------------------------------------------------------------------- the engine
-def _zero_grads_stage12(p) -> None:
-    if p.grad is not None:
-        p.grad.zero_()
-    m = getattr(p, "_hp_mapping", None)
-    if m is not None:
-        m.get_lp_grad_fragment(p._index_in_param_group).zero_()
-
-
 def parallelize(student, teacher, cfg, ds_config: dict):
     """Activation checkpointing → compile per block → ZeRO: ``deepspeed.initialize`` of the student with our
     AdamW (the last layer in its own group); under ZeRO-3 also of the teacher (parameters only, partitioned
-    exactly like the student's). Returns (student engine, teacher engine or None)."""
+    exactly like the student's). Returns (student engine, our AdamW (which ZeRO steps on its fp32 partitions),
+    teacher engine or None)."""
     import deepspeed
     apply_ac_and_compile(student, cfg.model.checkpoint_activations, cfg.engine.compile)
     apply_ac_and_compile(teacher, False, cfg.engine.compile)
     opt = torch.optim.AdamW(param_groups(student, split_last_layer=True), lr=0.0, betas=cfg.optim.betas)
     ds = deepspeed.initialize(model=student, optimizer=opt, config=ds_config, dist_init_required=False)[0]
     if int(ds_config["zero_optimization"]["stage"]) != 3:
-        return ds, None
+        return ds, opt, None
     tcfg = copy.deepcopy(ds_config)
     tcfg.pop("gradient_clipping", None)
     tz = {k: v for k, v in tcfg["zero_optimization"].items() if k != "offload_optimizer"}
     tz.update(stage=3, stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
     tcfg["zero_optimization"] = tz
-    return ds, deepspeed.initialize(model=teacher, config=tcfg, dist_init_required=False)[0]
+    return ds, opt, deepspeed.initialize(model=teacher, config=tcfg, dist_init_required=False)[0]
 
 
 def _fp32_buffers(module) -> None:
@@ -249,7 +242,9 @@ class DeepSpeedEngine(Engine):
         student.to(self.device)
         teacher.to(self.device)
         method.to(self.device)
-        self.ds, teacher_ds = parallelize(student, teacher, cfg, self.ds_config)
+        self.ds, self._adamw, teacher_ds = parallelize(student, teacher, cfg, self.ds_config)
+        self._last_flats: dict = {}
+        self._adamw.register_step_pre_hook(self._note_stepped_flats)
         self.optimizer = self.ds.optimizer
         self.student_module = self.ds.module
         _fp32_buffers(self.ds.module)
@@ -305,29 +300,27 @@ class DeepSpeedEngine(Engine):
             self.ds.optimizer.zero_grad()
 
     def _zero_last_layer_grads(self):
-        if self.stage == 3:
-            from deepspeed.utils import safe_set_local_grad
-            for p in self._last:
+        """Zero the frozen parameters' reduced gradient partitions before DeepSpeed's step (``deepspeed.utils``
+        setters: at the accumulation boundary ZeRO-1/2 hold the gradient in the partition, ``param.grad`` is
+        None, and ``safe_set_full_grad`` writes this rank's fragment)."""
+        from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+        for p in self._last:
+            if self.stage == 3:
                 safe_set_local_grad(p, torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=self.device))
-        else:
-            for p in self._last:
-                _zero_grads_stage12(p)
+            else:
+                safe_set_full_grad(p, torch.zeros(p.shape, dtype=torch.float32, device=self.device))
+
+    def _note_stepped_flats(self, optimizer, args, kwargs) -> None:
+        """Step pre-hook of our AdamW: ZeRO steps it on its flat fp32 partitions (ZeRO-3 one sub-group at a
+        time, swapping each into its param group only while stepping); remember those of the last layer's group."""
+        for g in optimizer.param_groups:
+            if g.get("last_layer"):
+                for f in g["params"]:
+                    self._last_flats[id(f)] = f
 
     def _last_layer_states(self) -> list:
-        """AdamW states of the last layer's flat fp32 partition(s)."""
-        zero = self.ds.optimizer
-        inner = zero.optimizer
-        ids = [i for i, g in enumerate(zero.param_groups) if g.get("last_layer")]
-        flats = [p for i in ids for p in zero.param_groups[i]["params"]]  # ZeRO-1/2 keep them in the group
-        if self.stage == 3:  # ZeRO-3 swaps each sub-group's flat partition into its group only while stepping
-            flats += [zero.fp32_partitioned_groups_flat[sub] for sub, gid in zero.sub_group_to_group_id.items()
-                      if gid in ids]
-        out, seen = [], set()
-        for f in flats:
-            if id(f) not in seen and f in inner.state:
-                seen.add(id(f))
-                out.append(inner.state[f])
-        return out
+        """AdamW states of the last layer's flat fp32 partition(s) stepped by the last ``ds.step``."""
+        return [self._adamw.state[f] for f in self._last_flats.values() if f in self._adamw.state]
 
     def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
         self.set_lr_wd(self.optimizer, lr, wd)
@@ -337,11 +330,15 @@ class DeepSpeedEngine(Engine):
             self._zero_last_layer_grads()
             for g in last_groups:
                 g["lr"], g["weight_decay"] = 0.0, 0.0
+        self._last_flats = {}
         self.ds.step()
         self._pending = False
         # fp16: DeepSpeed skipped the step on an inf/NaN gradient (overflow all-reduced over ranks)
         self.step_skipped = not self.ds.was_step_applied()
         if freeze_last_layer:
+            if last_groups and not self.step_skipped and not self._last_flats:
+                raise RuntimeError("deepspeed: the optimizer step did not go through our AdamW's step (its "
+                                   "pre-hook saw no last-layer partition); cannot keep the frozen layer's state")
             # no update happened; forget the step count too (a never-stepped parameter has none)
             for st in self._last_layer_states():
                 if "step" in st:
