@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO engine (stages 1, 2, 3) through ``deepspeed.initialize`` with our own torch AdamW.
 
-* Config: generated from ours (``deepspeed_config``): micro-batch, gradient accumulation, bf16/fp16 (dynamic
+* Config: generated from ours (``deepspeed_config.py``): micro-batch, gradient accumulation, bf16/fp16 (dynamic
   loss scaling), ZeRO stage, global-norm clipping; a user JSON (``engine.deepspeed_config``) is merged on top.
   It may not define an optimizer or a scheduler: lr and weight decay are set on the param groups every step.
 * Gradient accumulation: ``no_sync`` sets DeepSpeed's accumulation boundary (``set_gradient_accumulation_
@@ -9,11 +9,12 @@
 * Frozen last layer: its parameters have their own param group. While frozen, its gradient partitions are
   zeroed before DeepSpeed's step (so they are out of the clipped global norm), its lr and weight decay are 0
   (no change to the weights) and its AdamW step count is put back to 0: exactly the state of a parameter
-  that has had no gradient yet, as under DDP/FSDP.
+  that has had no gradient yet, as under DDP/FSDP (gradients through ``deepspeed.utils``' setters, AdamW
+  states found by a step pre-hook on our AdamW).
 * EMA teacher, always from the fp32 master weights:
   - ZeRO-1/2: the teacher is a full fp32 module on every rank. Each rank updates the fragments whose fp32
     masters it owns (``param._hp_mapping``, DeepSpeed's low/high-precision fragment map behind
-    ``safe_get_full_fp32_param``), then one all-gather shares them.
+    ``safe_get_full_fp32_param``: private, see docs/ARCHITECTURE.md), then one all-gather shares them.
   - ZeRO-3: the teacher is partitioned exactly like the student (a parameter-only ZeRO-3 DeepSpeed engine);
     each rank updates its fp32 partition from ``safe_get_local_fp32_param`` with no communication.
 * Checkpoints: DeepSpeed's ``save_checkpoint``/``load_checkpoint`` (modules, fp32 masters, optimizer, loss
@@ -25,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -38,6 +37,7 @@ import torch.distributed as dist
 from ..distributed import ranks_per_node
 from ..precision import lowp_dtype
 from .base import Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, rng_state, set_rng_state
+from .deepspeed_config import deepspeed_config
 from .params import param_groups
 
 log = logging.getLogger("sere_scale")
@@ -47,67 +47,6 @@ EXTRA_FILE = "extra.pt"
 TEACHER_FILE = "teacher.pt"
 # torch >= 2.14 renames all_gather_into_tensor (same arguments)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-# ---------------------------------------------------------------------------------------------- the config
-def _merge(base: dict, top: dict, path: str = "") -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{path}{k}.")
-        else:
-            if k in out and out[k] != v:
-                log.info("deepspeed config: '%s%s' = %r from engine.deepspeed_config (generated: %r)", path, k, v,
-                         out[k])
-            out[k] = v
-    return out
-
-
-def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
-    """DeepSpeed's JSON config from ours, with ``engine.deepspeed_config`` (a JSON file) merged on top."""
-    from ..config import ConfigError
-    z = cfg.engine.zero_stage
-    zero = {"stage": z, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available(),
-            "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
-    if z == 3:
-        # partition every parameter (small ones too): identical student/teacher partitions, 1/N memory
-        zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0,
-                    stage3_prefetch_bucket_size=50_000_000)
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
-        "gradient_clipping": float(cfg.optim.clip_grad),
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        # dynamic loss scaling as under DDP/FSDP (torch's GradScaler): halved at every overflow (hysteresis 1),
-        # doubled after train.loss_scale_window steps without one
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
-                 "initial_scale_power": int(math.log2(cfg.train.loss_scale_init)),
-                 "loss_scale_window": int(cfg.train.loss_scale_window), "hysteresis": 1, "min_loss_scale": 1},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if lowp_dtype(precision) is not None:
-        ds["communication_data_type"] = "fp32"  # gradients reduced in fp32
-    user = cfg.engine.deepspeed_config
-    if user:
-        p = Path(user)
-        if not p.exists():
-            raise ConfigError(f"config key 'engine.deepspeed_config': file '{p}' does not exist")
-        try:
-            extra = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config key 'engine.deepspeed_config': '{p}' is not valid JSON ({e})") from e
-        for key in ("optimizer", "scheduler"):
-            if key in extra:
-                raise ConfigError(f"config key 'engine.deepspeed_config': '{p}' defines '{key}'; sere_scale "
-                                  f"passes its own AdamW and sets lr/weight decay every step (optim.*)")
-        ds = _merge(ds, extra)
-    if ds["zero_optimization"].get("stage") not in (1, 2, 3):
-        raise ConfigError("config key 'engine.deepspeed_config': zero_optimization.stage must be 1, 2 or 3")
-    return ds
 
 
 # ---------------------------------------------------------------------------------------------- callables
