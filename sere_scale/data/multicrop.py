@@ -12,40 +12,27 @@ from torchvision.transforms import functional as TF
 from .recipe import IMAGENET_MEAN, IMAGENET_STD, AugmentRecipe, sample_crop  # noqa: F401  (re-exported)
 
 
+def _from_recipe(name: str) -> property:
+    return property(lambda self: getattr(self.recipe, name), doc=f"``recipe.{name}``")
+
+
 class RecipeViews:
     """What every multi-crop implementation reads off its :class:`AugmentRecipe` (``self.recipe``)."""
 
     recipe: AugmentRecipe
-
-    @property
-    def global_size(self) -> int:
-        return self.recipe.global_size
-
-    @property
-    def local_size(self) -> int:
-        return self.recipe.local_size
-
-    @property
-    def n_global(self) -> int:
-        return self.recipe.n_global
-
-    @property
-    def n_local(self) -> int:
-        return self.recipe.n_local
-
-    @property
-    def photometric(self) -> bool:
-        return self.recipe.photometric
-
-    @property
-    def n_views(self) -> int:
-        return self.recipe.n_views
+    global_size = _from_recipe("global_size")
+    local_size = _from_recipe("local_size")
+    n_global = _from_recipe("n_global")
+    n_local = _from_recipe("n_local")
+    photometric = _from_recipe("photometric")
+    n_views = _from_recipe("n_views")
 
     def sizes(self) -> list[int]:
         return self.recipe.sizes()
 
     def view_probs(self, v: int) -> tuple[float, float]:
         return self.recipe.view_probs(v)
+
 
 class MultiCrop(RecipeViews):
     """Global and local crops of one image, each with its box (normalised xyxy in the original) and flip.
