@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sere_scale.kernels import chunked, relation_cross_entropy  # noqa: E402
+from sere_scale.precision import LOWP_DTYPES  # noqa: E402
 
 # name: (G, R, Ds, Dt, description)
 PRESETS = {
@@ -42,7 +43,7 @@ PRESETS = {
     "channel": (64, 1024, 196, 196, "channel B64 N196 C1024"),
     "cpu-mem": (64, 1369, 64, 64, "spatial B4 M16 N1369 (CPU memory check)"),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, **LOWP_DTYPES}
 MIB = 2 ** 20
 
 

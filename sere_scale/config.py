@@ -276,17 +276,6 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _nest(key: str, value: Any) -> dict:
-    out: dict = {}
-    cur = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        cur[p] = {}
-        cur = cur[p]
-    cur[parts[-1]] = value
-    return out
-
-
 def _set_override(cfg: Config, key: str, value: Any) -> None:
     obj, parts = cfg, key.split(".")
     for i, p in enumerate(parts[:-1]):

@@ -113,4 +113,4 @@ class SEREMethod(nn.Module):
         """Forget the teacher statistics of a skipped (non-finite) step."""
         for m in (self.dino, self.ibot):
             if m is not None:
-                m._sum, m._count = None, 0
+                m.discard_pending()

@@ -15,6 +15,7 @@ import torch
 from . import nonfinite, startup
 from .checkpoint import CheckpointSaveError
 from .config import Config, ConfigError
+from .data.device import to_device as _to_device
 from .data.loader import build_train_loader
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .engine import build_engine
@@ -62,21 +63,6 @@ class LiveMFU:
 
     def value(self, steps: int, seconds: float) -> float:
         return self.flops_per_step * steps / max(seconds, 1e-12) / self.peak
-
-
-def _to_device(batch: dict, device: torch.device, augment=None, position: tuple = (0, 0)) -> dict:
-    """Move a batch to ``device``; an encoded batch (``data.augment=gpu``) is first decoded and multi-cropped
-    there by ``augment`` (``data.encoded.DeviceAugment``), seeded by ``position`` = (epoch, batch index)."""
-    nb = device.type == "cuda"
-    if "encoded" in batch:
-        if augment is None:
-            raise ValueError("an encoded batch (data.augment=gpu) needs a DeviceAugment: pass augment=")
-        batch = augment(batch, *position)
-    out = dict(batch)
-    out["crops"] = [c.to(device, non_blocking=nb) for c in batch["crops"]]
-    for k in ("boxes", "flips", "masks", "labels"):
-        out[k] = batch[k].to(device, non_blocking=nb)
-    return out
 
 
 class _Preemption:

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sere_scale.export import export_timm
-from sere_scale.models.load import TEACHER_READERS, load_teacher
+from sere_scale.engine.ddp import read_ddp_teacher
+from sere_scale.engine.readers import TEACHER_READERS
+from sere_scale.models.load import load_teacher
 from tests.conftest import subprocess_env
 from tests.tiny import tiny_config
 
@@ -81,7 +83,7 @@ def test_export_reads_through_the_backend_registry(run_dir, tmp_path, monkeypatc
 
     def reader(d):
         calls.append(d)
-        return TEACHER_READERS["ddp"](ck)
+        return read_ddp_teacher(ck)
     monkeypatch.setitem(TEACHER_READERS, "sharded_test", reader)
     a = load_file(export_timm(tmp_path, tmp_path / "a.safetensors")["file"])
     b = load_file(export_timm(run_dir, tmp_path / "b.safetensors")["file"])

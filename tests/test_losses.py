@@ -183,3 +183,18 @@ def test_losses_keep_softmaxes_logits_and_centers_in_fp32_under_fp16_autocast():
         auto.update_center()
     plain.update_center()
     assert auto.center.dtype == torch.float32 and torch.equal(auto.center, plain.center)
+
+
+def test_discarded_teacher_statistics_do_not_move_the_center():
+    """``discard_pending`` (a skipped step) forgets the accumulated logits; the next update uses only later ones."""
+    from sere_scale.losses.centering import CenteredTeacher
+    c = CenteredTeacher(3, center_momentum=0.5)
+    c.accumulate(torch.tensor([[10.0, 10.0, 10.0]]))
+    c.discard_pending()
+    c.update_center()
+    assert torch.equal(c.center, torch.zeros(1, 3))
+    c.accumulate(torch.tensor([[2.0, 4.0, 6.0], [0.0, 0.0, 2.0]]))
+    c.discard_pending()
+    c.accumulate(torch.tensor([[2.0, 2.0, 2.0]]))
+    c.update_center()
+    assert torch.equal(c.center, torch.tensor([[1.0, 1.0, 1.0]]))  # 0.5 · 0 + 0.5 · mean of the kept row

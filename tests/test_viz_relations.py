@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from sere_scale.geometry import region_aligned_sample
 from sere_scale.viz.figures import _to_view
-from sere_scale.viz.relations import (
+from sere_scale.eval.relations import (
     ChannelStats,
     channel_relation,
     row_corr_distance,

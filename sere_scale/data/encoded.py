@@ -21,7 +21,8 @@ from .corrupt import NoReadableSample, fill_corrupt, fill_slots
 from .folder import ImageFolderSSL
 from .gpu_multicrop import GPUMultiCrop
 from .masking import MaskGenerator
-from .transform import sample_rng
+from .recipe import AugmentRecipe
+from .transform import sample_rng, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class EncodedSSLTransform:
     @classmethod
     def from_config(cls, cfg) -> EncodedSSLTransform:
         d, il = cfg.data, cfg.image_loss
-        from ..models.backbone import patch_size_of
+        from ..arch import patch_size_of
         masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
         return cls(d.n_global, d.global_size, patch_size_of(cfg.model), masks)
 
@@ -96,10 +97,6 @@ def split_encoded(batch: dict) -> list:
     return list(enc)
 
 
-def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + batch * 104_729 + rank * 15_485_863) % (2**63 - 1)
-
-
 class DeviceAugment:
     """Encoded batch → ``collate_ssl``-style batch on the device (crops, boxes, flips, masks, labels).
 
@@ -116,13 +113,11 @@ class DeviceAugment:
 
     @classmethod
     def from_config(cls, cfg, device, rank: int = 0) -> DeviceAugment:
-        d = cfg.data
-        mc = GPUMultiCrop(d.global_size, d.local_size, d.n_global, d.n_local, d.global_scale, d.local_scale,
-                          photometric=d.photometric, device=device)
+        mc = GPUMultiCrop(recipe=AugmentRecipe.from_config(cfg), device=device)
         return cls(mc, cfg.train.seed, rank)
 
     def __call__(self, batch: dict, epoch: int, index: int) -> dict:
-        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, index, self.rank))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, self.rank))
         images = split_encoded(batch)
         res = self.multicrop(images, generator=g)
         kept, dev, B = res["kept"], self.multicrop.device, len(images)

@@ -1,7 +1,7 @@
 """A faster multi-crop with MultiCrop's constructor and output contract (for the shard loader).
 
 Same crops, boxes and flips contract as :class:`MultiCrop` (box = normalised xyxy in the ORIGINAL decoded image,
-flip after crop; the same ``sample_crop`` scales and ratios, the same per-view blur/solarize probabilities).
+flip after crop; the same ``AugmentRecipe``: ``sample_crop`` scales and ratios, probabilities and strengths).
 Faster because:
 
 * one decode per image, at reduced size (JPEG DCT scaling via PIL ``draft``: 1/2, 1/4, 1/8) when every crop
@@ -28,7 +28,7 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
 from .multicrop import MultiCrop, sample_crop
 
@@ -139,7 +139,8 @@ class FastMultiCrop(MultiCrop):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.photometric:  # build the hue tables now (~0.1 s) so forked loader workers inherit them
-            for k in range(hue_steps(-0.1), hue_steps(0.1) + 1):
+            lo, hi = self.recipe.jitter_ranges()[3]
+            for k in range(hue_steps(lo), hue_steps(hi) + 1):
                 hue_lut(k)
 
     def reduction(self, W: int, H: int, views) -> int:
@@ -147,36 +148,29 @@ class FastMultiCrop(MultiCrop):
         r = min(min(w, h) / size for size, _, _, h, w, _ in views)
         return next((k for k in (8, 4, 2) if r >= k), 1)
 
-    def _jitter_ops(self, v: int):
-        ops = []
-        if random.random() < 0.8:
-            b, c, s = (random.uniform(0.6, 1.4), random.uniform(0.6, 1.4), random.uniform(0.8, 1.2))
-            h = random.uniform(-0.1, 0.1)
+    def _jitter_ops(self):
+        r, ops = self.recipe, []
+        if random.random() < r.jitter_p:
+            (b0, b1), (c0, c1), (s0, s1), (h0, h1) = r.jitter_ranges()
+            b, c, s = (random.uniform(b0, b1), random.uniform(c0, c1), random.uniform(s0, s1))
+            h = random.uniform(h0, h1)
             for i in random.sample(range(4), 4):
                 ops.append((("brightness", b), ("contrast", c), ("saturation", s), ("hue", h))[i])
-        if random.random() < 0.2:
+        if random.random() < r.gray_p:
             ops.append(("gray", 1.0))
         return ops
 
-    def _photometric(self, img: Image.Image, v: int) -> Image.Image:
-        blur_p, sol_p = self.view_probs(v)
-        ops = self._jitter_ops(v)
-        if ops:
-            img = apply_color_ops(img, ops)
-        if random.random() < blur_p:
-            img = img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-        if random.random() < sol_p:
-            img = ImageOps.solarize(img, 128)
-        return img
+    def _colour(self, img: Image.Image) -> Image.Image:
+        """The same draws as ``MultiCrop._colour``, applied as fused colour matrices and a hue table."""
+        ops = self._jitter_ops()
+        return apply_color_ops(img, ops) if ops else img
 
     def __call__(self, img: Image.Image) -> dict:
         W, H = img.size
-        views = []
-        for v in range(self.n_views):
-            is_global = v < self.n_global
-            size = self.global_size if is_global else self.local_size
-            top, left, h, w = sample_crop(W, H, self.global_scale if is_global else self.local_scale)
-            views.append((size, top, left, h, w, random.random() < 0.5))
+        views, r = [], self.recipe
+        for v in range(r.n_views):
+            top, left, h, w = sample_crop(W, H, r.scale(v), r.ratio)
+            views.append((r.size(v), top, left, h, w, random.random() < r.flip_p))
         fx = fy = 1.0
         k = self.reduction(W, H, views) if getattr(img, "format", None) == "JPEG" else 1
         if k > 1:

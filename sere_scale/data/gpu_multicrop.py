@@ -22,18 +22,15 @@ from torchvision.ops import roi_align
 
 from . import gpu_ops
 from .decode import DecodeStats, decode_images
-from .multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
-
-RATIO = (3 / 4, 4 / 3)
-JITTER = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0.4, 0.2, 0.1) factor ranges
-P_JITTER, P_GRAY, SIGMA = 0.8, 0.2, (0.1, 2.0)
+from .multicrop import AugmentRecipe, RecipeViews
 
 
 def sample_crops(sizes_hw: torch.Tensor, scale_lo: torch.Tensor, scale_hi: torch.Tensor,
-                 g: torch.Generator | None, tries: int = 10) -> torch.Tensor:
+                 g: torch.Generator | None, tries: int = 10, ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
     """RandomResizedCrop boxes (left, top, w, h) in pixels, shape (B, V, 4), for images of ``sizes_hw`` (B, 2)
-    and per-view scale ranges (V,): the algorithm of ``multicrop.sample_crop`` vectorised (first of ``tries``
-    valid draws, else the central crop of the clamped aspect ratio)."""
+    and per-view scale ranges (V,): the algorithm of ``recipe.sample_crop`` vectorised (first of ``tries``
+    valid draws, else the central crop of the aspect ratio clamped into ``ratio``)."""
+    RATIO = tuple(ratio)
     B, V = sizes_hw.shape[0], scale_lo.shape[0]
     H = sizes_hw[:, 0].double().view(B, 1, 1)
     W = sizes_hw[:, 1].double().view(B, 1, 1)
@@ -63,7 +60,7 @@ def sample_crops(sizes_hw: torch.Tensor, scale_lo: torch.Tensor, scale_hi: torch
     return torch.stack([left, top, w, h], -1)
 
 
-class GPUMultiCrop:
+class GPUMultiCrop(RecipeViews):
     """Batched multi-crop on ``device``; ``__call__(encoded, generator)`` →
     ``{"crops": [V × (B,3,S,S)], "boxes": (B,V,4), "flips": (B,V), "kept": (B,) indices}`` (crops, boxes and
     flips on ``device``; views globals first, as ``MultiCrop``).
@@ -72,21 +69,13 @@ class GPUMultiCrop:
     ``n_failed``); ``n_fallback`` counts images decoded by PIL instead of the batched decoder.
     """
 
-    view_probs = MultiCrop.view_probs  # same per-view blur / solarize probabilities as the CPU recipe
-    sizes = MultiCrop.sizes
-    n_views = MultiCrop.n_views
-
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_global: int = 2, n_local: int = 10,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), photometric: bool = True, device="cpu",
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, max_group_pixels: int = 2**26):
-        if n_global < 1 or n_local < 0:
-            raise ValueError("GPUMultiCrop needs n_global >= 1 and n_local >= 0")
-        self.global_size, self.local_size = global_size, local_size
-        self.n_global, self.n_local = n_global, n_local
-        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.photometric, self.device = photometric, torch.device(device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+    def __init__(self, *args, device="cpu", max_group_pixels: int = 2**26, recipe: AugmentRecipe | None = None,
+                 **fields):
+        """``GPUMultiCrop(recipe=r, device=...)``, or the recipe's fields as for ``MultiCrop``."""
+        self.recipe = recipe if recipe is not None else AugmentRecipe(*args, **fields)
+        self.device = torch.device(device)
+        self.mean = torch.tensor(self.recipe.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.recipe.std, device=self.device).view(1, 3, 1, 1)
         self.max_group_pixels = max_group_pixels
         self.stats = DecodeStats()
 
@@ -101,22 +90,26 @@ class GPUMultiCrop:
     # ---- parameters (CPU, vectorised over the batch) ----
     def draw_params(self, sizes_hw: torch.Tensor, g: torch.Generator | None) -> dict:
         """All random parameters of a batch, each (B, V[, ...]). Order of draws is fixed (reproducible)."""
-        B, V = sizes_hw.shape[0], self.n_views
-        is_g = torch.arange(V) < self.n_global
-        lo = torch.where(is_g, self.global_scale[0], self.local_scale[0])
-        hi = torch.where(is_g, self.global_scale[1], self.local_scale[1])
-        p = {"crop": sample_crops(sizes_hw, lo, hi, g), "flip": torch.rand(B, V, generator=g) < 0.5}
+        r = self.recipe
+        B, V = sizes_hw.shape[0], r.n_views
+        is_g = torch.arange(V) < r.n_global
+        lo = torch.where(is_g, r.global_scale[0], r.local_scale[0])
+        hi = torch.where(is_g, r.global_scale[1], r.local_scale[1])
+        p = {"crop": sample_crops(sizes_hw, lo, hi, g, ratio=r.ratio),
+             "flip": torch.rand(B, V, generator=g) < r.flip_p}
         u = torch.rand(B, V, 4, generator=g)
-        p["jitter"] = u[..., 0] < P_JITTER
-        p["gray"] = u[..., 1] < P_GRAY
-        probs = torch.tensor([self.view_probs(v) for v in range(V)])  # (V, 2): blur, solarize
+        p["jitter"] = u[..., 0] < r.jitter_p
+        p["gray"] = u[..., 1] < r.gray_p
+        probs = torch.tensor([r.view_probs(v) for v in range(V)])  # (V, 2): blur, solarize
         p["blur"] = u[..., 2] < probs[:, 0]
         p["solarize"] = u[..., 3] < probs[:, 1]
         uf = torch.rand(B, V, 4, generator=g)
-        lo_f, hi_f = torch.tensor([r[0] for r in JITTER]), torch.tensor([r[1] for r in JITTER])
+        ranges = r.jitter_ranges()
+        lo_f, hi_f = torch.tensor([q[0] for q in ranges]), torch.tensor([q[1] for q in ranges])
         p["factors"] = lo_f + (hi_f - lo_f) * uf  # brightness, contrast, saturation, hue
         p["order"] = torch.rand(B, V, 4, generator=g).argsort(-1)  # a uniform random permutation per view
-        p["sigma"] = SIGMA[0] + (SIGMA[1] - SIGMA[0]) * torch.rand(B, V, generator=g)
+        sigma = r.blur_sigma
+        p["sigma"] = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(B, V, generator=g)
         return p
 
     # ---- geometry ----
@@ -192,8 +185,9 @@ class GPUMultiCrop:
             for op in range(4):
                 self._subset(x, jit & (order[:, k] == op), gpu_ops.JITTER_OPS[op], fac[:, op])
         self._subset(x, flat(p["gray"]), lambda t: gpu_ops.grayscale(t).expand(-1, 3, -1, -1))
-        self._subset(x, flat(p["blur"]), lambda t, s: gpu_ops.gaussian_blur(t, s, SIGMA[1]), flat(p["sigma"]))
-        self._subset(x, flat(p["solarize"]), gpu_ops.solarize)
+        max_sigma, threshold = self.recipe.blur_sigma[1], self.recipe.solarize_threshold / 255
+        self._subset(x, flat(p["blur"]), lambda t, s: gpu_ops.gaussian_blur(t, s, max_sigma), flat(p["sigma"]))
+        self._subset(x, flat(p["solarize"]), lambda t: gpu_ops.solarize(t, threshold))
         return x
 
     def __call__(self, encoded: Sequence, generator: torch.Generator | None = None,

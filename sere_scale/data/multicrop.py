@@ -1,96 +1,83 @@
 """CPU multi-crop with box/flip bookkeeping (the box contract of METHOD.md)."""
 from __future__ import annotations
 
-import math
 import random
-from typing import Sequence
+from typing import Optional
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .recipe import IMAGENET_MEAN, IMAGENET_STD, AugmentRecipe, sample_crop  # noqa: F401  (re-exported)
 
 
-def sample_crop(width: int, height: int, scale: Sequence[float], ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """RandomResizedCrop parameters (top, left, h, w), drawn from Python's ``random`` as torchvision does."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * random.uniform(scale[0], scale[1])
-        ar = math.exp(random.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * ar)))
-        h = int(round(math.sqrt(target / ar)))
-        if 0 < w <= width and 0 < h <= height:
-            return random.randint(0, height - h), random.randint(0, width - w), h, w
-    in_ratio = width / height  # fallback: central crop
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def _from_recipe(name: str) -> property:
+    return property(lambda self: getattr(self.recipe, name), doc=f"``recipe.{name}``")
 
 
-class MultiCrop:
+class RecipeViews:
+    """What every multi-crop implementation reads off its :class:`AugmentRecipe` (``self.recipe``)."""
+
+    recipe: AugmentRecipe
+    global_size = _from_recipe("global_size")
+    local_size = _from_recipe("local_size")
+    n_global = _from_recipe("n_global")
+    n_local = _from_recipe("n_local")
+    photometric = _from_recipe("photometric")
+    n_views = _from_recipe("n_views")
+
+    def sizes(self) -> list[int]:
+        return self.recipe.sizes()
+
+    def view_probs(self, v: int) -> tuple[float, float]:
+        return self.recipe.view_probs(v)
+
+
+class MultiCrop(RecipeViews):
     """Global and local crops of one image, each with its box (normalised xyxy in the original) and flip.
 
     Called on a PIL image: ``{"crops": [V tensors (3,S,S)], "boxes": (V,4) float, "flips": (V,) bool}``, globals
     first. Randomness comes from Python's ``random`` (seed it per sample for reproducible data).
     """
 
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_global: int = 2, n_local: int = 10,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), photometric: bool = True,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        if n_global < 1 or n_local < 0:
-            raise ValueError("MultiCrop needs n_global >= 1 and n_local >= 0")
-        self.global_size, self.local_size = global_size, local_size
-        self.n_global, self.n_local = n_global, n_local
-        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.photometric = photometric
-        self.jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)
-        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    def __init__(self, *args, recipe: Optional[AugmentRecipe] = None, **fields):
+        """``MultiCrop(recipe=r)``, or the recipe's fields (``global_size, local_size, n_global, n_local,
+        global_scale, local_scale``, then keywords such as ``photometric``) with the others at their defaults."""
+        self.recipe = recipe if recipe is not None else AugmentRecipe(*args, **fields)
+        r = self.recipe
+        self.jitter = T.ColorJitter(*r.jitter)
+        self.mean, self.std = torch.tensor(r.mean).view(3, 1, 1), torch.tensor(r.std).view(3, 1, 1)
 
-    # per-view photometric probabilities (METHOD.md): global 1 blur 1.0; global 2 blur 0.1 + solarize 0.2;
-    # locals blur 0.5. Further global views alternate between the two global recipes.
-    def view_probs(self, v: int) -> tuple[float, float]:
-        if v < self.n_global:
-            return (1.0, 0.0) if v % 2 == 0 else (0.1, 0.2)
-        return 0.5, 0.0
-
-    def _photometric(self, img: Image.Image, v: int) -> Image.Image:
-        blur_p, sol_p = self.view_probs(v)
-        if random.random() < 0.8:
+    def _colour(self, img: Image.Image) -> Image.Image:
+        """Colour jitter with ``jitter_p``, then grayscale with ``gray_p`` (torchvision's PIL ops)."""
+        if random.random() < self.recipe.jitter_p:
             img = self.jitter(img)
-        if random.random() < 0.2:
+        if random.random() < self.recipe.gray_p:
             img = ImageOps.grayscale(img).convert("RGB")
-        if random.random() < blur_p:
-            img = img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-        if random.random() < sol_p:
-            img = ImageOps.solarize(img, 128)
         return img
 
-    @property
-    def n_views(self) -> int:
-        return self.n_global + self.n_local
-
-    def sizes(self) -> list[int]:
-        return [self.global_size] * self.n_global + [self.local_size] * self.n_local
+    def _photometric(self, img: Image.Image, v: int) -> Image.Image:
+        r = self.recipe
+        blur_p, sol_p = r.view_probs(v)
+        img = self._colour(img)
+        if random.random() < blur_p:
+            img = img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*r.blur_sigma)))
+        if random.random() < sol_p:
+            img = ImageOps.solarize(img, r.solarize_threshold)
+        return img
 
     def __call__(self, img: Image.Image) -> dict:
         if img.mode != "RGB":
             img = img.convert("RGB")
         W, H = img.size
         crops, boxes, flips = [], [], []
-        for v in range(self.n_views):
-            is_global = v < self.n_global
-            size = self.global_size if is_global else self.local_size
-            top, left, h, w = sample_crop(W, H, self.global_scale if is_global else self.local_scale)
+        r = self.recipe
+        for v in range(r.n_views):
+            size = r.size(v)
+            top, left, h, w = sample_crop(W, H, r.scale(v), r.ratio)
             crop = TF.resized_crop(img, top, left, h, w, [size, size], T.InterpolationMode.BICUBIC)
-            flip = random.random() < 0.5
+            flip = random.random() < r.flip_p
             if flip:
                 crop = ImageOps.mirror(crop)
             if self.photometric:

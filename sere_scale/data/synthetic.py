@@ -7,7 +7,7 @@ import random
 import torch
 
 from .masking import MaskGenerator
-from .multicrop import sample_crop
+from .recipe import AugmentRecipe, sample_crop
 
 
 def synthetic_batch(cfg, batch_size: int, patch_size: int, seed: int = 0, width: int = 500,
@@ -16,16 +16,15 @@ def synthetic_batch(cfg, batch_size: int, patch_size: int, seed: int = 0, width:
     rng_state = random.getstate()
     random.seed(seed)
     g = torch.Generator().manual_seed(seed)
-    V = d.n_global + d.n_local
-    sizes = [d.global_size] * d.n_global + [d.local_size] * d.n_local
+    r = AugmentRecipe.from_config(cfg)
+    V, sizes = r.n_views, r.sizes()
     crops = [torch.randn(batch_size, 3, s, s, generator=g) for s in sizes]
     boxes = torch.zeros(batch_size, V, 4)
     for b in range(batch_size):
         for v in range(V):
-            scale = d.global_scale if v < d.n_global else d.local_scale
-            top, left, h, w = sample_crop(width, height, scale)
+            top, left, h, w = sample_crop(width, height, r.scale(v), r.ratio)
             boxes[b, v] = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
-    flips = torch.rand(batch_size, V, generator=g) < 0.5
+    flips = torch.rand(batch_size, V, generator=g) < r.flip_p
     hm = d.global_size // patch_size
     gen = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect)
     masks = torch.stack([torch.stack([gen(hm, hm) if il.kind == "ibot" else torch.zeros(hm, hm, dtype=torch.bool)

@@ -10,12 +10,20 @@ import torch
 from .corrupt import fill_corrupt
 from .masking import MaskGenerator
 from .multicrop import MultiCrop
+from .recipe import AugmentRecipe
+
+
+def sample_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
+    """The one seed of a piece of data: (run seed, epoch, sample or batch index[, rank]) → a 63-bit integer.
+    Per-sample CPU augmentation uses rank 0 (a sample's crops do not depend on who loads it); the device
+    augmentation (``data.encoded.DeviceAugment``) seeds each rank's batch with its rank."""
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + rank * 15_485_863) % (2**63 - 1)
 
 
 def seed_sample(seed: int, epoch: int, index: int) -> None:
     """Seed Python's and torch's RNG from (seed, epoch, index): the augmentation of a sample is a function of
     these three alone, whatever the worker or rank, so resumed runs see identical crops."""
-    s = (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
+    s = sample_seed(seed, epoch, index)
     random.seed(s)
     torch.manual_seed(s)
 
@@ -44,9 +52,8 @@ class SSLTransform:
         d, il = cfg.data, cfg.image_loss
         from .fastcrop import FastMultiCrop
         crop_cls = FastMultiCrop if d.crop_impl == "fast" else MultiCrop
-        mc = crop_cls(d.global_size, d.local_size, d.n_global, d.n_local, d.global_scale, d.local_scale,
-                       photometric=d.photometric)
-        from ..models.backbone import patch_size_of
+        mc = crop_cls(recipe=AugmentRecipe.from_config(cfg))
+        from ..arch import patch_size_of
         masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
         return cls(mc, patch_size_of(cfg.model), masks)
 

@@ -8,14 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-
-LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+from ..precision import lowp_dtype, resolve_precision
 
 
 def ensure_process_group(info) -> None:
@@ -72,11 +65,13 @@ def cast_floating(x, dtype: torch.dtype):
 
 def apply_ac_and_compile(net, ac: bool, compile_blocks: bool) -> None:
     """The first two steps of every backend's ``parallelize`` (torchtitan order: activation checkpointing →
-    compile → wrapping/sharding): per-block activation checkpointing (the backbone's own flag), then
-    ``torch.compile`` of each transformer block in place (parameter names unchanged)."""
-    net.backbone.checkpoint_activations = bool(ac)
+    compile → wrapping/sharding): per-block activation checkpointing (the plan's switch), then
+    ``torch.compile`` of each transformer block in place (parameter names unchanged); the units come from the
+    network's ``parallel_plan()`` (``models/plan.py``)."""
+    plan = net.parallel_plan()
+    plan.set_activation_checkpointing(ac)
     if compile_blocks:
-        for blk in net.backbone.vit.blocks:
+        for blk in plan.blocks:
             blk.compile()
 
 
@@ -119,7 +114,7 @@ class Engine:
     # ------------------------------------------------------------------ forward
     def autocast(self):
         """bf16/fp16 autocast on any device (CPU autocast supports both); fp32: nothing."""
-        dtype = LOWP.get(self.precision)
+        dtype = lowp_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def no_sync(self, active: bool):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -99,3 +100,8 @@ class DDPEngine(Engine):
 
     def teacher_state_dict(self):
         return self.teacher.state_dict()
+
+
+def read_ddp_teacher(ckpt_dir: str | Path) -> dict:
+    """The teacher state dict of a DDP checkpoint (``model.pt``), on CPU."""
+    return torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=False)["teacher"]

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO engine (stages 1, 2, 3) through ``deepspeed.initialize`` with our own torch AdamW.
 
-* Config: generated from ours (``deepspeed_config``): micro-batch, gradient accumulation, bf16/fp16 (dynamic
+* Config: generated from ours (``deepspeed_config.py``): micro-batch, gradient accumulation, bf16/fp16 (dynamic
   loss scaling), ZeRO stage, global-norm clipping; a user JSON (``engine.deepspeed_config``) is merged on top.
   It may not define an optimizer or a scheduler: lr and weight decay are set on the param groups every step.
 * Gradient accumulation: ``no_sync`` sets DeepSpeed's accumulation boundary (``set_gradient_accumulation_
@@ -9,11 +9,12 @@
 * Frozen last layer: its parameters have their own param group. While frozen, its gradient partitions are
   zeroed before DeepSpeed's step (so they are out of the clipped global norm), its lr and weight decay are 0
   (no change to the weights) and its AdamW step count is put back to 0: exactly the state of a parameter
-  that has had no gradient yet, as under DDP/FSDP.
+  that has had no gradient yet, as under DDP/FSDP (gradients through ``deepspeed.utils``' setters, AdamW
+  states found by a step pre-hook on our AdamW).
 * EMA teacher, always from the fp32 master weights:
   - ZeRO-1/2: the teacher is a full fp32 module on every rank. Each rank updates the fragments whose fp32
     masters it owns (``param._hp_mapping``, DeepSpeed's low/high-precision fragment map behind
-    ``safe_get_full_fp32_param``), then one all-gather shares them.
+    ``safe_get_full_fp32_param``: private, see docs/ARCHITECTURE.md), then one all-gather shares them.
   - ZeRO-3: the teacher is partitioned exactly like the student (a parameter-only ZeRO-3 DeepSpeed engine);
     each rank updates its fp32 partition from ``safe_get_local_fp32_param`` with no communication.
 * Checkpoints: DeepSpeed's ``save_checkpoint``/``load_checkpoint`` (modules, fp32 masters, optimizer, loss
@@ -25,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -36,79 +35,18 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import ranks_per_node
-from ..models.load import TEACHER_READERS
+from ..precision import lowp_dtype
 from .base import Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, rng_state, set_rng_state
-from .params import is_last_layer, param_groups
+from .deepspeed_config import deepspeed_config
+from .params import param_groups
 
 log = logging.getLogger("sere_scale")
 
 DS_TAG = "deepspeed"
 EXTRA_FILE = "extra.pt"
 TEACHER_FILE = "teacher.pt"
-_LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # torch >= 2.14 renames all_gather_into_tensor (same arguments)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-# ---------------------------------------------------------------------------------------------- the config
-def _merge(base: dict, top: dict, path: str = "") -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{path}{k}.")
-        else:
-            if k in out and out[k] != v:
-                log.info("deepspeed config: '%s%s' = %r from engine.deepspeed_config (generated: %r)", path, k, v,
-                         out[k])
-            out[k] = v
-    return out
-
-
-def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
-    """DeepSpeed's JSON config from ours, with ``engine.deepspeed_config`` (a JSON file) merged on top."""
-    from ..config import ConfigError
-    z = cfg.engine.zero_stage
-    zero = {"stage": z, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available(),
-            "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
-    if z == 3:
-        # partition every parameter (small ones too): identical student/teacher partitions, 1/N memory
-        zero.update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0,
-                    stage3_prefetch_bucket_size=50_000_000)
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
-        "gradient_clipping": float(cfg.optim.clip_grad),
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        # dynamic loss scaling as under DDP/FSDP (torch's GradScaler): halved at every overflow (hysteresis 1),
-        # doubled after train.loss_scale_window steps without one
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
-                 "initial_scale_power": int(math.log2(cfg.train.loss_scale_init)),
-                 "loss_scale_window": int(cfg.train.loss_scale_window), "hysteresis": 1, "min_loss_scale": 1},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if precision in _LOWP:
-        ds["communication_data_type"] = "fp32"  # gradients reduced in fp32
-    user = cfg.engine.deepspeed_config
-    if user:
-        p = Path(user)
-        if not p.exists():
-            raise ConfigError(f"config key 'engine.deepspeed_config': file '{p}' does not exist")
-        try:
-            extra = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config key 'engine.deepspeed_config': '{p}' is not valid JSON ({e})") from e
-        for key in ("optimizer", "scheduler"):
-            if key in extra:
-                raise ConfigError(f"config key 'engine.deepspeed_config': '{p}' defines '{key}'; sere_scale "
-                                  f"passes its own AdamW and sets lr/weight decay every step (optim.*)")
-        ds = _merge(ds, extra)
-    if ds["zero_optimization"].get("stage") not in (1, 2, 3):
-        raise ConfigError("config key 'engine.deepspeed_config': zero_optimization.stage must be 1, 2 or 3")
-    return ds
 
 
 # ---------------------------------------------------------------------------------------------- callables
@@ -190,31 +128,24 @@ class _FragmentEMA:
 
 
 # ---------------------------------------------------------------------------------------------- the engine
-def _zero_grads_stage12(p) -> None:
-    if p.grad is not None:
-        p.grad.zero_()
-    m = getattr(p, "_hp_mapping", None)
-    if m is not None:
-        m.get_lp_grad_fragment(p._index_in_param_group).zero_()
-
-
 def parallelize(student, teacher, cfg, ds_config: dict):
     """Activation checkpointing → compile per block → ZeRO: ``deepspeed.initialize`` of the student with our
     AdamW (the last layer in its own group); under ZeRO-3 also of the teacher (parameters only, partitioned
-    exactly like the student's). Returns (student engine, teacher engine or None)."""
+    exactly like the student's). Returns (student engine, our AdamW (which ZeRO steps on its fp32 partitions),
+    teacher engine or None)."""
     import deepspeed
     apply_ac_and_compile(student, cfg.model.checkpoint_activations, cfg.engine.compile)
     apply_ac_and_compile(teacher, False, cfg.engine.compile)
     opt = torch.optim.AdamW(param_groups(student, split_last_layer=True), lr=0.0, betas=cfg.optim.betas)
     ds = deepspeed.initialize(model=student, optimizer=opt, config=ds_config, dist_init_required=False)[0]
     if int(ds_config["zero_optimization"]["stage"]) != 3:
-        return ds, None
+        return ds, opt, None
     tcfg = copy.deepcopy(ds_config)
     tcfg.pop("gradient_clipping", None)
     tz = {k: v for k, v in tcfg["zero_optimization"].items() if k != "offload_optimizer"}
     tz.update(stage=3, stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
     tcfg["zero_optimization"] = tz
-    return ds, deepspeed.initialize(model=teacher, config=tcfg, dist_init_required=False)[0]
+    return ds, opt, deepspeed.initialize(model=teacher, config=tcfg, dist_init_required=False)[0]
 
 
 def _fp32_buffers(module) -> None:
@@ -245,17 +176,20 @@ class DeepSpeedEngine(Engine):
         self.world = dist.get_world_size()
         self.ds_config = deepspeed_config(cfg, self.world, self.precision)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
-        self.lowp = _LOWP.get(self.precision)
+        self.lowp = lowp_dtype(self.precision)
         self._pending, self._warned_pending = False, False
         student.to(self.device)
         teacher.to(self.device)
         method.to(self.device)
-        self.ds, teacher_ds = parallelize(student, teacher, cfg, self.ds_config)
+        self.ds, self._adamw, teacher_ds = parallelize(student, teacher, cfg, self.ds_config)
+        self._last_flats: dict = {}
+        self._adamw.register_step_pre_hook(self._note_stepped_flats)
         self.optimizer = self.ds.optimizer
         self.student_module = self.ds.module
         _fp32_buffers(self.ds.module)
         self.student = _CastInputs(self.ds, self.lowp)
-        self._last = [p for n, p in self.ds.module.named_parameters() if is_last_layer(n)]
+        frozen = self.ds.module.parallel_plan().is_frozen_early
+        self._last = [p for n, p in self.ds.module.named_parameters() if frozen(n)]
         n_teacher = len(list(teacher.named_parameters()))
         if self.stage == 3:
             self.teacher_ds = teacher_ds
@@ -305,29 +239,27 @@ class DeepSpeedEngine(Engine):
             self.ds.optimizer.zero_grad()
 
     def _zero_last_layer_grads(self):
-        if self.stage == 3:
-            from deepspeed.utils import safe_set_local_grad
-            for p in self._last:
+        """Zero the frozen parameters' reduced gradient partitions before DeepSpeed's step (``deepspeed.utils``
+        setters: at the accumulation boundary ZeRO-1/2 hold the gradient in the partition, ``param.grad`` is
+        None, and ``safe_set_full_grad`` writes this rank's fragment)."""
+        from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+        for p in self._last:
+            if self.stage == 3:
                 safe_set_local_grad(p, torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=self.device))
-        else:
-            for p in self._last:
-                _zero_grads_stage12(p)
+            else:
+                safe_set_full_grad(p, torch.zeros(p.shape, dtype=torch.float32, device=self.device))
+
+    def _note_stepped_flats(self, optimizer, args, kwargs) -> None:
+        """Step pre-hook of our AdamW: ZeRO steps it on its flat fp32 partitions (ZeRO-3 one sub-group at a
+        time, swapping each into its param group only while stepping); remember those of the last layer's group."""
+        for g in optimizer.param_groups:
+            if g.get("last_layer"):
+                for f in g["params"]:
+                    self._last_flats[id(f)] = f
 
     def _last_layer_states(self) -> list:
-        """AdamW states of the last layer's flat fp32 partition(s)."""
-        zero = self.ds.optimizer
-        inner = zero.optimizer
-        ids = [i for i, g in enumerate(zero.param_groups) if g.get("last_layer")]
-        flats = [p for i in ids for p in zero.param_groups[i]["params"]]  # ZeRO-1/2 keep them in the group
-        if self.stage == 3:  # ZeRO-3 swaps each sub-group's flat partition into its group only while stepping
-            flats += [zero.fp32_partitioned_groups_flat[sub] for sub, gid in zero.sub_group_to_group_id.items()
-                      if gid in ids]
-        out, seen = [], set()
-        for f in flats:
-            if id(f) not in seen and f in inner.state:
-                seen.add(id(f))
-                out.append(inner.state[f])
-        return out
+        """AdamW states of the last layer's flat fp32 partition(s) stepped by the last ``ds.step``."""
+        return [self._adamw.state[f] for f in self._last_flats.values() if f in self._adamw.state]
 
     def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
         self.set_lr_wd(self.optimizer, lr, wd)
@@ -337,11 +269,15 @@ class DeepSpeedEngine(Engine):
             self._zero_last_layer_grads()
             for g in last_groups:
                 g["lr"], g["weight_decay"] = 0.0, 0.0
+        self._last_flats = {}
         self.ds.step()
         self._pending = False
         # fp16: DeepSpeed skipped the step on an inf/NaN gradient (overflow all-reduced over ranks)
         self.step_skipped = not self.ds.was_step_applied()
         if freeze_last_layer:
+            if last_groups and not self.step_skipped and not self._last_flats:
+                raise RuntimeError("deepspeed: the optimizer step did not go through our AdamW's step (its "
+                                   "pre-hook saw no last-layer partition); cannot keep the frozen layer's state")
             # no update happened; forget the step count too (a never-stepped parameter has none)
             for st in self._last_layer_states():
                 if "step" in st:
@@ -461,6 +397,3 @@ def read_deepspeed_teacher(ckpt_dir: str | Path) -> dict:
         out[name] = flat[:n].view(shape).clone()
     out.update(shards[0]["buffers"])
     return out
-
-
-TEACHER_READERS["deepspeed"] = read_deepspeed_teacher

@@ -1,4 +1,5 @@
-"""FSDP2 engine (``torch.distributed.fsdp.fully_shard``): one unit per transformer block, one per head, root.
+"""FSDP2 engine (``torch.distributed.fsdp.fully_shard``): one unit per transformer block, one per head, root
+(the units of the network's ``parallel_plan()``).
 
 * Strategies (``engine.fsdp_strategy``): ``full`` (shard parameters, gradients and optimizer state over all
   ranks; parameters re-sharded after forward), ``grad_op`` (the same, but parameters stay gathered from
@@ -30,7 +31,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..distributed import ranks_per_node
-from ..models.load import TEACHER_READERS
+from ..precision import lowp_dtype
 from .base import Engine, apply_ac_and_compile, ema_, ensure_process_group, rng_state, set_rng_state
 from .params import last_layer_params, param_groups
 
@@ -40,7 +41,6 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 
 DCP_DIR = "dcp"
 EXTRA_FILE = "extra.pt"
-_LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_mesh(strategy: str, world: int, device_type: str, node_size: int = 0):
@@ -58,7 +58,7 @@ def build_mesh(strategy: str, world: int, device_type: str, node_size: int = 0):
 def mp_policies(precision: str) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
     """(backbone policy, heads policy). fp32 reductions in every case; low-precision parameters only in the
     backbone's compute copies."""
-    lowp = _LOWP.get(precision)
+    lowp = lowp_dtype(precision)
     if lowp is None:
         return MixedPrecisionPolicy(), MixedPrecisionPolicy()
     return (MixedPrecisionPolicy(param_dtype=lowp, reduce_dtype=torch.float32),
@@ -70,11 +70,11 @@ def parallelize(net, mesh, precision: str, *, reshard_after_forward: bool, ac: b
     (patch embedding, tokens, final norm)."""
     apply_ac_and_compile(net, ac, compile_blocks)
     body, heads = mp_policies(precision)
-    for blk in net.backbone.vit.blocks:
+    plan = net.parallel_plan()
+    for blk in plan.blocks:
         fully_shard(blk, mesh=mesh, mp_policy=body, reshard_after_forward=reshard_after_forward)
-    for head in (net.image_head, net.rel_global, net.rel_local):
-        if head is not None:
-            fully_shard(head, mesh=mesh, mp_policy=heads, reshard_after_forward=reshard_after_forward)
+    for head in plan.heads:
+        fully_shard(head, mesh=mesh, mp_policy=heads, reshard_after_forward=reshard_after_forward)
     fully_shard(net, mesh=mesh, mp_policy=body, reshard_after_forward=reshard_after_forward)
     return net
 
@@ -164,7 +164,7 @@ class FSDPEngine(Engine):
     # ------------------------------------------------------------------ training
     def autocast(self):
         # the backbone computes in param_dtype already; autocast covers the fp32 heads (any device)
-        lowp = _LOWP.get(self.precision)
+        lowp = lowp_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=lowp) if lowp else super().autocast()
 
     def no_sync(self, active: bool):
@@ -259,8 +259,5 @@ def read_dcp_prefix(dcp_dir: str | Path, prefix: str) -> dict:
     return {k[len(head):]: v for k, v in out.items()}
 
 
-def _read_fsdp_teacher(ckpt_dir: Path) -> dict:
+def read_fsdp_teacher(ckpt_dir: str | Path) -> dict:
     return read_dcp_prefix(Path(ckpt_dir) / DCP_DIR, "teacher")
-
-
-TEACHER_READERS["fsdp"] = _read_fsdp_teacher

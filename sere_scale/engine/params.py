@@ -9,14 +9,12 @@ def is_regularized(name: str, p) -> bool:
     return not (name.endswith(".bias") or p.ndim <= 1)
 
 
-def is_last_layer(name: str) -> bool:
-    return "image_head.last_layer" in name
-
-
 def param_groups(model: nn.Module, split_last_layer: bool = False) -> list[dict]:
-    """Decayed and non-decayed groups (``apply_wd``). With ``split_last_layer`` the image head's last layer gets
-    its own group (``last_layer: True``), for engines that cannot drop its gradients while it is frozen
-    (DeepSpeed: its groups are flattened buffers); empty groups are then left out."""
+    """Decayed and non-decayed groups (``apply_wd``). With ``split_last_layer`` the parameters frozen early (the
+    image head's last layer) get their own group (``last_layer: True``), for engines that cannot drop its
+    gradients while it is frozen (DeepSpeed: its groups are flattened buffers); empty groups are then left
+    out."""
+    is_last_layer = model.parallel_plan().is_frozen_early
     reg, noreg, last = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -35,5 +33,6 @@ def param_groups(model: nn.Module, split_last_layer: bool = False) -> list[dict]
 
 
 def last_layer_params(model: nn.Module) -> list:
-    """Parameters of the image head's last layer, frozen for the first ``optim.freeze_last_layer`` epochs."""
+    """The trainable parameters frozen for the first ``optim.freeze_last_layer`` epochs (the network's plan)."""
+    is_last_layer = model.parallel_plan().is_frozen_early
     return [p for n, p in model.named_parameters() if is_last_layer(n) and p.requires_grad]

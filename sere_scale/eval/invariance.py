@@ -1,7 +1,7 @@
 """How much a backbone's self-relations change between two augmented views of the same image.
 
 For every image: two views (``eval/views.py``), the spatial relations of both sampled on their overlap
-region and the channel relations of both (``viz/relations.py``: METHOD.md's definitions on the pre-norm
+region and the channel relations of both (``eval/relations.py``: METHOD.md's definitions on the pre-norm
 features passed through the projection head h at its initial parameters — standardised per channel with
 statistics over both views of all the images, then ReLU).
 
@@ -27,7 +27,7 @@ import torch
 
 from ..data.evaldata import ShardImages, is_shard_spec, iter_rgb
 from ..data.folder import IMG_EXT
-from ..viz.relations import ChannelStats, row_corr_distance, row_tv, two_view_relations, view_tokens
+from .relations import ChannelStats, row_corr_distance, row_tv, two_view_relations, view_tokens
 from .views import make_views, parse_strength, view_maker
 
 log = logging.getLogger("sere_scale")

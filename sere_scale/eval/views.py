@@ -10,15 +10,12 @@ and unjittered: identical tensors.
 """
 from __future__ import annotations
 
-import random
 from typing import Union
 
-import torch
-from PIL import Image, ImageOps
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
+from PIL import Image
 
-from ..data.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, sample_crop
+from ..data.multicrop import MultiCrop
+from ..data.recipe import AugmentRecipe
 from ..data.transform import sample_rng
 
 Strength = Union[str, float]
@@ -33,43 +30,30 @@ def parse_strength(s: str | float) -> Strength:
     return v
 
 
-class ScaledViews:
-    """The one-knob recipe described in the module docstring; randomness from Python's and torch's RNG."""
+class ScaledViews(MultiCrop):
+    """The one-knob recipe described in the module docstring: ``MultiCrop`` with 2 global views of the recipe
+    ``scaled_recipe(size, strength)`` whose photometric step is the colour jitter alone, on every view (no
+    grayscale, blur or solarisation, and no draw for their probabilities)."""
 
     def __init__(self, size: int, strength: float):
-        self.size, self.s = size, float(strength)
-        s = self.s
-        self.scale = (1.0 - 0.65 * s, 1.0)
-        self.ratio = ((3 / 4) ** s, (4 / 3) ** s)
-        self.jitter = T.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s) if s > 0 else None
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.s = float(strength)
+        super().__init__(recipe=scaled_recipe(size, self.s))
 
-    def __call__(self, img: Image.Image) -> dict:
-        W, H = img.size
-        crops, boxes, flips = [], [], []
-        for _ in range(2):
-            top, left, h, w = sample_crop(W, H, self.scale, self.ratio)
-            crop = TF.resized_crop(img, top, left, h, w, [self.size, self.size], T.InterpolationMode.BICUBIC)
-            flip = random.random() < self.s / 2
-            if flip:
-                crop = ImageOps.mirror(crop)
-            if self.jitter is not None:
-                crop = self.jitter(crop)
-            x = TF.pil_to_tensor(crop).float().div_(255.0)
-            crops.append((x - self.mean) / self.std)
-            boxes.append([left / W, top / H, (left + w) / W, (top + h) / H])
-            flips.append(flip)
-        return {"crops": crops, "boxes": torch.tensor(boxes, dtype=torch.float32),
-                "flips": torch.tensor(flips, dtype=torch.bool)}
+    def _photometric(self, img: Image.Image, v: int) -> Image.Image:
+        return self.jitter(img)
+
+
+def scaled_recipe(size: int, s: float) -> AugmentRecipe:
+    return AugmentRecipe(size, size, n_global=2, n_local=0, global_scale=(1.0 - 0.65 * s, 1.0),
+                         ratio=((3 / 4) ** s, (4 / 3) ** s), flip_p=s / 2, photometric=s > 0,
+                         jitter=(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s))
 
 
 def view_maker(cfg, size: int, strength: Strength):
     """A callable PIL image → {"crops": [2 × (3, size, size)], "boxes": (2, 4), "flips": (2,)}."""
     if strength == "train":
-        d = cfg.data
-        return MultiCrop(size, size, n_global=2, n_local=0, global_scale=d.global_scale,
-                         local_scale=d.local_scale, photometric=d.photometric)
+        return MultiCrop(recipe=AugmentRecipe.from_config(cfg, global_size=size, local_size=size, n_global=2,
+                                                          n_local=0))
     return ScaledViews(size, float(strength))
 
 

@@ -26,7 +26,3 @@ def weighted_mean(per_group: torch.Tensor, weights: Optional[torch.Tensor]) -> t
         return per_group.mean()
     w = weights.to(per_group.dtype)
     return (per_group * w).sum() / w.sum().clamp_min(1e-12)
-
-
-def relation_cross_entropy_plain(student, teacher, student_scale, teacher_scale, weights=None):
-    return weighted_mean(relation_ce_rows(student, teacher, student_scale, teacher_scale), weights)

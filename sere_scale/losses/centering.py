@@ -34,6 +34,10 @@ class CenteredTeacher(nn.Module):
             dist.all_reduce(stats)
         mean = (stats[:-1] / stats[-1]).view_as(self.center)
         self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+        self.discard_pending()
+
+    def discard_pending(self) -> None:
+        """Forget the teacher logits accumulated since the last ``update_center`` (a skipped step's)."""
         self._sum, self._count = None, 0
 
     def teacher_probs(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Load a trained teacher from a run or checkpoint folder of any backend."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -9,17 +8,10 @@ import yaml
 
 from ..checkpoint import find_latest
 from ..config import config_from_dict
+from ..engine.readers import read_teacher_state
 from .network import build_network
 
-# backend name (meta.json) → function(ckpt_dir) returning the full teacher state dict; engines register here.
-TEACHER_READERS = {}
-
-
-def _read_ddp(ckpt_dir: Path) -> dict:
-    return torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=False)["teacher"]
-
-
-TEACHER_READERS["ddp"] = _read_ddp
+__all__ = ["load_run_config", "load_teacher", "read_teacher_state", "resolve_checkpoint"]
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -38,16 +30,6 @@ def load_run_config(run_dir: Path):
     if not f.exists():
         raise FileNotFoundError(f"'{f}' not found: cannot rebuild the model of this checkpoint")
     return config_from_dict(yaml.safe_load(f.read_text()))
-
-
-def read_teacher_state(ckpt_dir: Path) -> dict:
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
-    backend = meta.get("backend", "ddp")
-    if backend not in TEACHER_READERS:
-        # engine modules register their reader on import
-        import importlib
-        importlib.import_module(f"sere_scale.engine.{backend}")
-    return TEACHER_READERS[backend](ckpt_dir)
 
 
 def load_teacher(path: str | Path, random_init: bool = False):

@@ -9,6 +9,7 @@ import torch.nn as nn
 from .backbone import ViTBackbone, create_vit
 from .heads import DINOHead, RelationHeads
 from .mocov3_heads import MoCoV3Head
+from .plan import ParallelPlan
 
 
 class SERENet(nn.Module):
@@ -33,7 +34,18 @@ class SERENet(nn.Module):
         self.rel_local = None
         if with_local and not share_local_heads:
             self.rel_local = RelationHeads(C)
-        self.share_local_heads = share_local_heads
+
+    def parallel_plan(self) -> ParallelPlan:
+        """What engines need (``models/plan.py``): the ViT blocks, the heads (image head, relation heads) and
+        the DINO/iBOT head's last layer, frozen early (``optim.freeze_last_layer``)."""
+        heads = tuple(m for m in (self.image_head, self.rel_global, self.rel_local) if m is not None)
+        frozen = ("image_head.last_layer",) if hasattr(self.image_head, "last_layer") else ()
+
+        def set_ac(on: bool) -> None:
+            self.backbone.checkpoint_activations = bool(on)
+
+        return ParallelPlan(blocks=tuple(self.backbone.vit.blocks), heads=heads, frozen_early=frozen,
+                            set_activation_checkpointing=set_ac)
 
     def _branch(self, x, heads: RelationHeads, mask, predict: bool, is_global: bool) -> dict:
         f = self.backbone(x, mask)

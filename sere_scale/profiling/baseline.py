@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from ..engine.base import resolve_precision
 from ..models.backbone import ViTBackbone, create_vit
+from ..precision import lowp_dtype, resolve_precision
 
 
 def backbone_baseline(cfg, device: torch.device, steps: int = 10, warmup: int = 2) -> dict:
@@ -21,7 +21,7 @@ def backbone_baseline(cfg, device: torch.device, steps: int = 10, warmup: int = 
     g = torch.randn(d.n_global * B, 3, d.global_size, d.global_size, device=device)
     loc = torch.randn(d.n_local * B, 3, d.local_size, d.local_size, device=device) if d.n_local else None
     precision = resolve_precision(cfg.train.precision, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = lowp_dtype(precision)
 
     def step():
         ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,

@@ -40,16 +40,6 @@ def count_flops(fn) -> int:
     return int(fc.get_total_flops()) + kernels[0]
 
 
-def vit_forward_flops(n_tokens: int, dim: int, depth: int, patch: int, mlp_ratio: float = 4.0,
-                      n_patches: int | None = None) -> int:
-    """Analytic matmul FLOPs of one ViT forward on one image: per block qkv (6NC²), scores and A·V (4N²C),
-    projection (2NC²), MLP (4·r·NC²); plus the patch embedding (2·P·C·3p²)."""
-    N, C = n_tokens, dim
-    per_block = 6 * N * C * C + 4 * N * N * C + 2 * N * C * C + 4 * mlp_ratio * N * C * C
-    P = n_patches if n_patches is not None else N - 1
-    return int(depth * per_block + 2 * P * C * 3 * patch * patch)
-
-
 def measured_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024, reps: int = 5) -> float:
     """Achieved FLOP/s of a square matmul: the MFU denominator on devices not in the table (e.g. a CPU)."""
     g = torch.Generator().manual_seed(0)  # never draw on the global RNG (exact resume)

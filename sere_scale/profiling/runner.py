@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.device import to_device as _to_device
 from ..data.loader import build_train_loader
 from ..data.synthetic import SyntheticLoader
 from ..distributed import DistInfo, init_distributed
@@ -15,7 +16,6 @@ from ..method import SEREMethod
 from ..models.backbone import patch_size_of
 from ..models.network import build_student_teacher
 from ..schedules import build_schedules
-from ..train import _to_device
 from .flops import count_flops, device_peak
 from .timer import RegionTimer
 

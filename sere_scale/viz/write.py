@@ -11,7 +11,7 @@ import torch
 from ..data.folder import load_rgb
 from ..eval.views import overlapping_views, parse_strength, view_maker
 from .figures import DEFAULT_POINTS, attention_figure, relation_figure
-from .relations import ChannelStats, view_tokens
+from ..eval.relations import ChannelStats, view_tokens
 
 
 def write_pictures(backbone, cfg, images: Sequence[str], out: str | Path, size: Optional[int] = None,
