@@ -5,6 +5,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from .method import SEREMethod
 from .metrics import MetricsLogger
 from .models.network import build_student_teacher
 from .schedules import build_schedules
+from .watchdog import HANG_MARKER, HangWatchdog
 
 log = logging.getLogger("sere_scale")
 
@@ -80,7 +82,9 @@ def _to_device(batch: dict, device: torch.device, augment=None, position: tuple 
 
 
 class _Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits."""
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits. Installed first thing in
+    ``main_train`` (a signal during start-up is kept); repeated signals only set the flag again; loader
+    workers ignore them (``data.worker_signals``), so the training process shuts them down itself."""
 
     def __init__(self):
         self.flag = False
@@ -110,14 +114,17 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> dict:
-    """Run training as configured; returns a summary dict (step reached, last metrics, exit reason)."""
+def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, preempt: _Preemption | None = None,
+          watchdog: HangWatchdog | None = None) -> dict:
+    """Run training as configured; returns a summary dict (step reached, last metrics, exit reason).
+    ``watchdog``: a started ``HangWatchdog`` (``main_train``), told of every step; none by default."""
     info = info or init_distributed()
     run_dir = Path(cfg.output_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+        (run_dir / HANG_MARKER).unlink(missing_ok=True)
     # Models are built from the same seed on every rank (identical initial weights), then each rank gets
     # its own random stream (drop-path).
     torch.manual_seed(cfg.train.seed)
@@ -155,7 +162,8 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     if info.is_main and cfg.train.progress and sys.stderr.isatty():
         from tqdm import tqdm
         pbar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True)
-    preempt = _Preemption()
+    preempt = preempt or _Preemption()
+    watchdog = watchdog or HangWatchdog(cfg.train.hang_timeout_s, run_dir, info.rank)  # not started: inert
     every = cfg.checkpoint.every_steps
     exit_reason = "done"
     last_record: dict = {}
@@ -220,6 +228,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             engine.ema_update(s["momentum"])
             method.after_step()
         state["step"] += 1
+        watchdog.beat(state["step"])
         if state["batch"] >= steps_per_epoch * accum:  # epoch end; leftover (batches % accum) micro-batches dropped
             state["epoch"] += 1
             state["batch"] = 0
@@ -247,12 +256,14 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             for key in outs[0]:
                 rec[key] = sum(float(o[key].detach()) for o in outs) / len(outs)
             if cfg.eval.invariance_every or cfg.eval.knn_every:
+                watchdog.extend("evaluation hooks")
                 from .eval.invariance import invariance_during_training
                 from .eval.knn import knn_during_training
                 teacher_state = functools.cache(engine.teacher_state_dict)  # one (collective) gather for both
                 rec.update(invariance_during_training(cfg, engine, step, info, teacher_state))
                 rec.update(knn_during_training(cfg, engine, step, info, teacher_state))
                 del teacher_state  # frees the gathered copy
+                watchdog.beat(step)
             metrics.log(rec)
             last_record = rec
             if pbar is not None:
@@ -265,7 +276,9 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
         if step % every == 0 or step == total or stop_now:
             state["n_corrupt"] += _global_count(window_corrupt, info)
             window_corrupt = 0
+            watchdog.extend("a checkpoint save")
             ckpt.save(engine, dict(state))
+            watchdog.beat(step)
         if stop_now:
             exit_reason = "preempted"
             break
@@ -277,15 +290,24 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
 
 def main_train(cfg: Config, resume: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    info = init_distributed()
+    preempt = _Preemption()  # before anything slow: a SIGTERM/SIGUSR1 during start-up is not lost
+    info = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)  # torchrun --max-restarts: > 0 after one
+    if restart > 0 and not resume:
+        log.warning("torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT=%d): resuming from the newest "
+                    "checkpoint", restart)
+        resume = True
+    watchdog = HangWatchdog(cfg.train.hang_timeout_s, cfg.output_dir, info.rank).start()
     try:
-        result = train(cfg, resume=resume, info=info)
+        result = train(cfg, resume=resume, info=info, preempt=preempt, watchdog=watchdog)
     except NonFiniteLoss as e:
         log.error("%s", e)
         cleanup()
         return EXIT_NONFINITE
+    finally:
+        watchdog.stop()
     cleanup()
     if result["exit"] == "preempted":
         if info.is_main:
