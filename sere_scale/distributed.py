@@ -47,8 +47,17 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = {}
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0":
+            # torchrun --max-restarts serves every round from the same store: a restarted group would read the
+            # addresses its dead predecessor published there (and hang or fail to connect); give each round
+            # its own key space
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            kwargs["store"] = dist.PrefixStore(f"sere_scale/restart_{restart}/", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=timeout,
+                                **kwargs)
     return DistInfo(rank, world, local, dev)
 
 

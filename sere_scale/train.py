@@ -82,9 +82,9 @@ def _to_device(batch: dict, device: torch.device, augment=None, position: tuple 
 
 
 class _Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits. Installed first thing in
-    ``main_train`` (a signal during start-up is kept); repeated signals only set the flag again; loader
-    workers ignore them (``data.worker_signals``), so the training process shuts them down itself."""
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits. Installed by
+    ``main_train`` as soon as the process group exists (a signal during start-up is kept); repeated signals only
+    set the flag again; loader workers ignore the job's signals (``data.worker_signals``)."""
 
     def __init__(self):
         self.flag = False
@@ -290,8 +290,10 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, preem
 
 def main_train(cfg: Config, resume: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    preempt = _Preemption()  # before anything slow: a SIGTERM/SIGUSR1 during start-up is not lost
     info = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+    # now, before anything slow: a SIGTERM/SIGUSR1 from here on is kept (one during the rendezvous, with nothing
+    # to save yet, still ends the process at once instead of leaving it blocked until the launcher's SIGKILL)
+    preempt = _Preemption()
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)  # torchrun --max-restarts: > 0 after one

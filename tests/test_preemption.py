@@ -1,12 +1,13 @@
 """A long run never hangs or dies unsaved: preemption by SIGTERM, the hang watchdog, rank failure (issue 13).
 
-2 ranks on gloo, DDP, loader workers on (``data.num_workers=2``), 12 steps, checkpoints every 3 steps. Four
+2 ranks on gloo, DDP, loader workers on (``data.num_workers=2``), 12 steps, checkpoints every 3 steps. Five
 interrupted launches run side by side, then one launch resumes three of them next to the uninterrupted
 reference run, and every loss curve must equal the reference's:
 
 * SIGTERM to the torchrun agent (it forwards to each worker's process group with ``killpg``: ranks and their
   loader workers) → every rank checkpoints and exits 124, ``REQUEUE`` is written;
-* SIGTERM to every process of the job at once (agent, ranks, loader workers: what Slurm and Kubernetes do);
+* SIGTERM to every process of the job at once (agent, ranks, loader workers: what Slurm and Kubernetes do),
+  once after a logged step and once as soon as the loader workers are up (during the first step);
 * ``slurm/train_srun.sbatch`` (srun/scontrol stubbed) with rank 1 stopped by SIGSTOP: rank 0's hang watchdog
   writes the stacks and exits 125, the template requeues;
 * kill -9 of rank 1 under ``torchrun --max-restarts=1``: the restarted group resumes by itself.
@@ -69,12 +70,14 @@ def _workers_up(agent: int) -> bool:
     return len(ranks) == 2 and all(len(descendants(pid)) >= 3 for pid in ranks.values())  # rank + 2 workers
 
 
-def _sigterm(tmp: Path, data, name: str, everyone: bool) -> dict:
+def _sigterm(tmp: Path, data, name: str, everyone: bool, first_step: bool = False) -> dict:
+    """SIGTERM to the agent or to every process of the launch, once a step is logged (``first_step``: as soon
+    as the loader workers of both ranks are up, before the first step ends)."""
     run, rc_log = tmp / name, tmp / f"{name}.rc"
     e = env()
     e["RC_LOG"] = str(rc_log)
     job = Launch(torchrun(2, CLI_RC, "train", *overrides(run, data, "ddp", *RUN)), tmp / f"{name}.log", e)
-    _wait(lambda: read_metrics(run) and _workers_up(job.p.pid), job.p, job.log, 300, "first step")
+    _wait(lambda: (first_step or read_metrics(run)) and _workers_up(job.p.pid), job.p, job.log, 300, "workers")
     tree = descendants(job.p.pid)  # agent, 2 ranks, 4 loader workers
     signal_all(tree if everyone else [job.p.pid], signal.SIGTERM)
     rc = job.finish(300)
@@ -132,6 +135,7 @@ def launches(tmp_path_factory, digits_root):
     data = digits_subset(digits_root, tmp / "data48", 3, 16)
     work = {"agent": lambda: _sigterm(tmp, data, "agent", everyone=False),
             "everyone": lambda: _sigterm(tmp, data, "everyone", everyone=True),
+            "first_step": lambda: _sigterm(tmp, data, "first_step", everyone=True, first_step=True),
             "hang": lambda: _hang(tmp, data), "restart": lambda: _restart(tmp, data)}
     out, errors = {}, {}
 
@@ -150,12 +154,12 @@ def launches(tmp_path_factory, digits_root):
     # one launch: the uninterrupted reference, then the three interrupted runs resumed
     jobs = [{"name": "ref", "overrides": overrides(tmp / "ref", data, "ddp", *RUN)}]
     jobs += [{"name": n, "overrides": overrides(out[n]["run"], data, "ddp", *RUN), "resume": True}
-             for n in ("agent", "everyone", "hang")]
+             for n in ("agent", "everyone", "first_step", "hang")]
     rep = run_jobs(tmp, 2, jobs)
     return tmp, out, rep
 
 
-@pytest.mark.parametrize("name", ["agent", "everyone"])
+@pytest.mark.parametrize("name", ["agent", "everyone", "first_step"])
 def test_sigterm_with_loader_workers_checkpoints_requeues_and_resumes_exactly(launches, name):
     tmp, out, rep = launches
     r = out[name]
@@ -166,6 +170,7 @@ def test_sigterm_with_loader_workers_checkpoints_requeues_and_resumes_exactly(la
     assert r["rc"] != 0
     step = r["last_logged"]  # the preempted step: logged, checkpointed, named in REQUEUE
     assert 1 <= step < TOTAL and r["markers"]["REQUEUE"].strip() == str(step)
+    assert name != "first_step" or step <= 3, step  # a step or so after the signal
     assert r["latest"] == f"step_{step:08d}"
     # resumed: REQUEUE removed, and the whole curve equals the uninterrupted one
     assert rep[name]["step"] == TOTAL and not (r["run"] / "REQUEUE").exists()
@@ -268,6 +273,40 @@ def test_loader_workers_ignore_the_jobs_signals_but_not_their_parents_terminate(
     assert out.strip() == "True", err  # the worker survived and kept serving in order
     assert p.returncode == 7, err
     assert not os.path.exists(f"/proc/{worker}") or "Z" in open(f"/proc/{worker}/stat").read().split()[2]
+
+
+BIRTH_SCRIPT = r"""
+import os, signal, time
+from torch.utils.data import DataLoader, Dataset
+from sere_scale.data.worker_signals import job_signals_held, worker_init
+from tests.procs import children
+signal.signal(signal.SIGTERM, lambda *a: None)  # the training process's own handler (forked workers inherit it)
+class Slow(Dataset):
+    def __len__(self):
+        return 40
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return i
+me = os.getpid()
+if os.fork() == 0:  # another process (the job) sends SIGTERM to each worker the moment it exists
+    seen, t0 = set(), time.time()
+    while time.time() - t0 < 4:
+        for c in set(children(me)) - seen - {os.getpid()}:
+            seen.add(c)
+            os.kill(c, signal.SIGTERM)
+    os._exit(0)
+for epoch in range(3):  # a fresh set of workers per epoch
+    with job_signals_held():
+        it = iter(DataLoader(Slow(), num_workers=2, worker_init_fn=worker_init, multiprocessing_context="fork"))
+    assert sorted(int(x) for x in it) == list(range(40))
+print("ok", flush=True)
+"""
+
+
+def test_loader_workers_survive_sigterm_from_the_moment_they_are_born():
+    res = subprocess.run([sys.executable, "-c", BIRTH_SCRIPT], env=env(), capture_output=True, text=True,
+                         timeout=120)
+    assert res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
 def test_timeouts_are_config_keys_and_reach_the_process_group(tmp_path, monkeypatch):

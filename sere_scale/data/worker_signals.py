@@ -9,10 +9,13 @@ One SIGTERM is still obeyed: the one the worker's own parent sends. ``multiproce
 with ``Process.terminate()`` (SIGTERM) when the training process exits (and the DataLoader does when a worker
 does not join); a worker deaf to it would make that exit wait forever. So SIGTERM is blocked and a thread of
 the worker reads each one with ``sigwaitinfo``: sent by the parent, the worker dies of it as by default;
-sent by anyone else (the job), it is dropped.
+sent by anyone else (the job), it is dropped. Workers start inside ``job_signals_held()``, so they are born
+with the signals blocked: none can kill a worker before ``worker_init`` runs (the DataLoader's own C handler
+for SIGTERM, installed before it, would).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -28,16 +31,29 @@ def _sigterm_from_parent_only(parent: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def job_signals_held():
+    """Start loader workers inside this: SIGTERM/SIGUSR1/SIGINT are blocked in the calling thread meanwhile, so
+    the workers it forks are born with them blocked; the training process gets any that came once they are
+    unblocked again (or at once, in another of its threads)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def ignore_job_signals() -> None:
     """Ignore SIGUSR1 and SIGINT in this process, and SIGTERM unless the parent process sends it (call first
     thing in a loader worker, from its main thread)."""
     for sig in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGINT})
     if not hasattr(signal, "sigwaitinfo"):  # no siginfo (macOS): ignore SIGTERM whoever sends it
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # first: threads started from here on inherit it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherited the training process's handler
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
     threading.Thread(target=_sigterm_from_parent_only, args=(os.getppid(),), name="sere-sigterm", daemon=True).start()
 
 
