@@ -123,6 +123,10 @@ class TrainConfig:
     max_consecutive_skips: int = 10  # nonfinite=skip: this many skipped steps in a row stop the run (exit 3)
     progress: bool = True
     log_mfu: bool = True  # count one step's FLOPs at start; log mfu and data_wait_pct
+    # hang watchdog (watchdog.py): a rank that completes no optimiser step for this long dumps every thread's
+    # stack and exits with code 125; the first step, evaluation hooks and checkpoint saves get 3x as long
+    hang_timeout_s: float = 1800.0
+    dist_timeout_s: float = 1800.0  # process-group timeout (collectives, rendezvous) of init_process_group
 
 
 @dataclass
@@ -312,6 +316,8 @@ def validate(cfg: Config) -> Config:
     req(t.loss_scale_init >= 1 and math.frexp(t.loss_scale_init)[0] == 0.5, "train.loss_scale_init",
         "must be a power of 2, >= 1")
     req(t.loss_scale_window >= 1, "train.loss_scale_window", "must be >= 1")
+    for k in ("hang_timeout_s", "dist_timeout_s"):
+        req(math.isfinite(getattr(t, k)) and getattr(t, k) > 0, f"train.{k}", "must be a positive number of seconds")
     req(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     req(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     req(cfg.engine.zero_stage in (1, 2, 3), "engine.zero_stage", "must be 1, 2 or 3")

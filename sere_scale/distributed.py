@@ -32,9 +32,10 @@ def _env_int(*names, default=None):
     return default
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Reads RANK/WORLD_SIZE/LOCAL_RANK (torchrun, deepspeed and accelerate launchers) or SLURM_PROCID/
-    SLURM_NTASKS/SLURM_LOCALID (srun without torchrun); NCCL on CUDA, gloo on CPU."""
+    SLURM_NTASKS/SLURM_LOCALID (srun without torchrun); NCCL on CUDA, gloo on CPU. ``timeout_s`` (config
+    ``train.dist_timeout_s``): how long a collective or the rendezvous waits for the other ranks."""
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -46,8 +47,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = {}
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0":
+            # torchrun --max-restarts serves every round from the same store: a restarted group would read the
+            # addresses its dead predecessor published there (and hang or fail to connect); give each round
+            # its own key space
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            kwargs["store"] = dist.PrefixStore(f"sere_scale/restart_{restart}/", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=timeout,
+                                **kwargs)
     return DistInfo(rank, world, local, dev)
 
 

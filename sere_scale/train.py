@@ -5,6 +5,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from .method import SEREMethod
 from .metrics import MetricsLogger
 from .models.network import build_student_teacher
 from .schedules import build_schedules
+from .watchdog import HANG_MARKER, HangWatchdog
 
 log = logging.getLogger("sere_scale")
 
@@ -66,7 +68,9 @@ class LiveMFU:
 
 
 class _Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits."""
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits. Installed by
+    ``main_train`` as soon as the process group exists (a signal during start-up is kept); repeated signals only
+    set the flag again; loader workers ignore the job's signals (``data.worker_signals``)."""
 
     def __init__(self):
         self.flag = False
@@ -96,11 +100,14 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_old: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_old: bool = False,
+          preempt: _Preemption | None = None, watchdog: HangWatchdog | None = None) -> dict:
     """Run training as configured; returns a summary dict (step reached, last metrics, exit reason).
 
     Nothing is written to ``output_dir`` before the config is validated against the model and data and the
-    resume point is loaded (``startup.py``); a refused start leaves the folder as it was."""
+    resume point is loaded (``startup.py``); a refused start leaves the folder as it was. ``preempt``: the
+    installed preemption handler; ``watchdog``: a started ``HangWatchdog`` (``main_train``), told of every step;
+    none by default."""
     info = info or init_distributed()
     run_dir = Path(cfg.output_dir)
     lock = startup.check_run_dir(run_dir, resume, move_old, info)
@@ -133,15 +140,20 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_
     # ---- from here on the run folder is written
     ckpt = startup.open_run_dir(cfg, run_dir, info, lock, loaded, loader, move_old and not resume,
                                 REQUEUE_MARKER)
+    if info.is_main:
+        (run_dir / HANG_MARKER).unlink(missing_ok=True)
     metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None)
     try:
-        return _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch)
+        return _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch,
+                     preempt or _Preemption(),
+                     watchdog or HangWatchdog(cfg.train.hang_timeout_s, run_dir, info.rank))  # not started: inert
     finally:
         metrics.close()
         lock.release()
 
 
-def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch) -> dict:
+def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch, preempt,
+          watchdog) -> dict:
     accum = cfg.train.grad_accum
 
     total = sched.total_steps
@@ -151,7 +163,6 @@ def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metric
     if info.is_main and cfg.train.progress and sys.stderr.isatty():
         from tqdm import tqdm
         pbar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True)
-    preempt = _Preemption()
     every = cfg.checkpoint.every_steps
     exit_reason = "done"
     last_record: dict = {}
@@ -219,6 +230,7 @@ def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metric
                 engine.ema_update(s["momentum"])
                 method.after_step()
         state["step"] += 1
+        watchdog.beat(state["step"])
         if state["batch"] >= steps_per_epoch * accum:  # epoch end; leftover (batches % accum) micro-batches dropped
             state["epoch"] += 1
             state["batch"] = 0
@@ -248,12 +260,14 @@ def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metric
             for key in outs[0]:
                 rec[key] = sum(float(o[key].detach()) for o in outs) / len(outs)
             if cfg.eval.invariance_every or cfg.eval.knn_every:
+                watchdog.extend("evaluation hooks")
                 from .eval.invariance import invariance_during_training
                 from .eval.knn import knn_during_training
                 teacher_state = functools.cache(engine.teacher_state_dict)  # one (collective) gather for both
                 rec.update(invariance_during_training(cfg, engine, step, info, teacher_state))
                 rec.update(knn_during_training(cfg, engine, step, info, teacher_state))
                 del teacher_state  # frees the gathered copy
+                watchdog.beat(step)
             metrics.log(rec)
             last_record = rec
             if pbar is not None:
@@ -266,7 +280,9 @@ def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metric
         if step % every == 0 or step == total or stop_now:
             state["n_corrupt"] += _global_count(window_corrupt, info)
             window_corrupt = 0
+            watchdog.extend("a checkpoint save")
             ckpt.save(engine, dict(state))
+            watchdog.beat(step)
         if n_consecutive >= cfg.train.max_consecutive_skips:
             metrics.close()
             raise nonfinite.diverged(cfg, ckpt, n_consecutive, state["step"])
@@ -281,11 +297,20 @@ def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metric
 
 def main_train(cfg: Config, resume: bool, move_old: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    info = init_distributed()
+    info = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+    # now, before anything slow: a SIGTERM/SIGUSR1 from here on is kept (one during the rendezvous, with nothing
+    # to save yet, still ends the process at once instead of leaving it blocked until the launcher's SIGKILL)
+    preempt = _Preemption()
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)  # torchrun --max-restarts: > 0 after one
+    if restart > 0 and not resume:
+        log.warning("torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT=%d): resuming from the newest "
+                    "checkpoint", restart)
+        resume = True
+    watchdog = HangWatchdog(cfg.train.hang_timeout_s, cfg.output_dir, info.rank).start()
     try:
-        result = train(cfg, resume=resume, info=info, move_old=move_old)
+        result = train(cfg, resume=resume, info=info, move_old=move_old, preempt=preempt, watchdog=watchdog)
     except NonFiniteLoss as e:
         log.error("%s", e)
         cleanup()
@@ -294,6 +319,8 @@ def main_train(cfg: Config, resume: bool, move_old: bool = False) -> int:
         log.error("%s", e)
         cleanup()
         return 1
+    finally:
+        watchdog.stop()
     cleanup()
     if result["exit"] == "preempted":
         if info.is_main:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from .folder import ImageFolderSSL
 from .sampler import ResumableDistributedSampler
 from .transform import SSLTransform, collate_ssl
+from .worker_signals import job_signals_held, worker_init
 
 
 class FolderLoader:
@@ -38,9 +39,10 @@ class FolderLoader:
         g = torch.Generator().manual_seed(self.seed + epoch)
         dl = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                         num_workers=self.num_workers, collate_fn=self.collate, drop_last=True,
-                        persistent_workers=False, generator=g,
+                        persistent_workers=False, generator=g, worker_init_fn=worker_init,
                         multiprocessing_context="fork" if self.num_workers > 0 else None)
-        return iter(dl)
+        with job_signals_held():  # workers are born deaf to the job's signals
+            return iter(dl)
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1):

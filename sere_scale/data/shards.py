@@ -37,6 +37,7 @@ from .shardlist import ShardSet, is_local, resolve_shards
 from .shardplan import batches_per_epoch, consumed_batches, stream_batches, stream_order, stream_pieces
 from .shardread import iter_piece
 from .transform import collate_ssl, seed_sample
+from .worker_signals import job_signals_held, worker_init
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -114,9 +115,10 @@ class ShardLoader:
             it = iter(ds)
         else:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, generator=g,
-                                 prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                                 multiprocessing_context="fork"))
+            with job_signals_held():  # workers are born deaf to the job's signals
+                it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, generator=g,
+                                     prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                     multiprocessing_context="fork", worker_init_fn=worker_init))
         return self._tracked(it, epoch, start_batch)
 
     def _tracked(self, it, epoch: int, start_batch: int):

@@ -16,6 +16,7 @@ from torchvision import transforms as T
 
 from ..data.evaldata import LabelledFolder, LabelledShards, labelled_dataset
 from ..data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from ..data.worker_signals import job_signals_held, worker_init
 
 log = logging.getLogger(__name__)
 __all__ = ["eval_transform", "extract_features", "LabelledFolder", "LabelledShards"]
@@ -44,10 +45,12 @@ def extract_features(backbone, root, size: int, batch_size: int = 64, device="cp
     counted; ``stats`` (a dict), if given, receives ``n`` (features) and ``n_corrupt``."""
     ds = labelled_dataset(root, eval_transform(size), split)
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate, num_workers=num_workers,
-                    multiprocessing_context="fork" if num_workers else None)
+                    multiprocessing_context="fork" if num_workers else None, worker_init_fn=worker_init)
     feats, labels, index, n_corrupt = [], [], [], 0
     backbone = backbone.to(device).eval()
-    for x, y, i, bad in dl:
+    with job_signals_held():  # workers are born deaf to the job's signals
+        batches = iter(dl)
+    for x, y, i, bad in batches:
         n_corrupt += bad
         if x is None:
             continue
