@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import ranks_per_node
-from ..models.load import TEACHER_READERS
+from ..models.load import STUDENT_READERS, TEACHER_READERS
 from .base import Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, rng_state, set_rng_state
 from .params import is_last_layer, param_groups
 
@@ -383,7 +383,9 @@ class DeepSpeedEngine(Engine):
         return {k: v.detach().cpu().clone() for k, v in self.teacher_module.state_dict().items() if k not in params}
 
     def save(self, ckpt_dir, train_state):
-        self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={}, save_latest=False)
+        # save_latest: the step folder gets DeepSpeed's own ``latest`` file (→ tag), so DeepSpeed's
+        # ``zero_to_fp32.py STEP_DIR OUT`` converts it (the student) with no flags
+        self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={}, save_latest=True)
         rank = dist.get_rank()
         if self.stage == 3:
             torch.save(self._teacher_shard(), os.path.join(ckpt_dir, f"teacher_rank{rank:05d}.pt"))
@@ -464,3 +466,12 @@ def read_deepspeed_teacher(ckpt_dir: str | Path) -> dict:
 
 
 TEACHER_READERS["deepspeed"] = read_deepspeed_teacher
+
+
+def read_deepspeed_student(ckpt_dir: str | Path) -> dict:
+    """The full fp32 student state dict (DeepSpeed's fp32 masters), by DeepSpeed's own converter."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
+
+
+STUDENT_READERS["deepspeed"] = read_deepspeed_student

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..distributed import ranks_per_node
-from ..models.load import TEACHER_READERS
+from ..models.load import STUDENT_READERS, TEACHER_READERS
 from .base import Engine, apply_ac_and_compile, ema_, ensure_process_group, rng_state, set_rng_state
 from .params import last_layer_params, param_groups
 
@@ -264,3 +264,4 @@ def _read_fsdp_teacher(ckpt_dir: Path) -> dict:
 
 
 TEACHER_READERS["fsdp"] = _read_fsdp_teacher
+STUDENT_READERS["fsdp"] = lambda ckpt_dir: read_dcp_prefix(Path(ckpt_dir) / DCP_DIR, "student")

@@ -11,15 +11,22 @@ from ..checkpoint import find_latest
 from ..config import config_from_dict
 from .network import build_network
 
-# backend name (meta.json) → function(ckpt_dir) returning the full teacher state dict; engines register here.
+# backend name (meta.json) → function(ckpt_dir) returning the full teacher (student) state dict; engines
+# register here.
 TEACHER_READERS = {}
+STUDENT_READERS = {}
 
 
 def _read_ddp(ckpt_dir: Path) -> dict:
     return torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=False)["teacher"]
 
 
+def _read_ddp_student(ckpt_dir: Path) -> dict:
+    return torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=False)["student"]
+
+
 TEACHER_READERS["ddp"] = _read_ddp
+STUDENT_READERS["ddp"] = _read_ddp_student
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -40,14 +47,20 @@ def load_run_config(run_dir: Path):
     return config_from_dict(yaml.safe_load(f.read_text()))
 
 
-def read_teacher_state(ckpt_dir: Path) -> dict:
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
+def read_state(ckpt_dir: Path, weights: str = "teacher") -> dict:
+    """The full state dict of the ``weights`` ("teacher" or "student") network of a checkpoint folder."""
+    readers = {"teacher": TEACHER_READERS, "student": STUDENT_READERS}[weights]
+    meta = json.loads((Path(ckpt_dir) / "meta.json").read_text())
     backend = meta.get("backend", "ddp")
-    if backend not in TEACHER_READERS:
+    if backend not in readers:
         # engine modules register their reader on import
         import importlib
         importlib.import_module(f"sere_scale.engine.{backend}")
-    return TEACHER_READERS[backend](ckpt_dir)
+    return readers[backend](Path(ckpt_dir))
+
+
+def read_teacher_state(ckpt_dir: Path) -> dict:
+    return read_state(ckpt_dir, "teacher")
 
 
 def load_teacher(path: str | Path, random_init: bool = False):
