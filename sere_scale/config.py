@@ -151,6 +151,32 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "sere_scale"
+    entity: str = ""  # team or user (default: wandb's default entity)
+    name: str = ""  # run name (default: the output folder's name)
+    mode: Literal["online", "offline", "disabled"] = "online"  # WANDB_MODE, if set, wins
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = False
+    tracking_uri: str = ""  # default: MLflow's own (MLFLOW_TRACKING_URI or ./mlruns)
+    experiment: str = ""
+    run_name: str = ""  # default: the output folder's name
+
+
+@dataclass
+class LogConfig:
+    """Experiment trackers, rank 0 only (sere_scale/trackers.py); metrics.jsonl and TensorBoard always."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    hooks: list[str] = field(default_factory=list)  # generic trackers: "package.module:factory", factory(cfg)
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,6 +188,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .banner import log_banner, start_banner
 from .checkpoint import CheckpointManager, find_latest
 from .config import Config, save_config
 from .data.loader import build_train_loader
@@ -21,6 +22,7 @@ from .method import SEREMethod
 from .metrics import MetricsLogger
 from .models.network import build_student_teacher
 from .schedules import build_schedules
+from .trackers import build_trackers
 
 log = logging.getLogger("sere_scale")
 
@@ -114,6 +116,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     """Run training as configured; returns a summary dict (step reached, last metrics, exit reason)."""
     info = info or init_distributed()
     run_dir = Path(cfg.output_dir)
+    trackers = build_trackers(cfg) if info.is_main else []  # a missing tracker package fails before any write
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -139,6 +142,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep, info.is_main)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "n_corrupt": 0, "n_skipped": 0, "n_overflow": 0}
+    latest = None
     if resume:
         latest = find_latest(run_dir)
         if latest is None:
@@ -146,7 +150,8 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
         else:
             state = engine.load(str(latest))
             log.info("resumed from %s (step %d)", latest, state["step"])
-    metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None)
+    metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None,
+                            trackers=trackers)
 
     total = sched.total_steps
     if cfg.train.max_steps is not None:
@@ -162,6 +167,10 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
     window_t, window_imgs, window_corrupt, window_wait, window_steps = time.perf_counter(), 0, 0, 0.0, 0
     global_batch = cfg.data.batch_size * info.world_size * accum
     mfu = LiveMFU(info.device, engine.precision) if cfg.train.log_mfu else None
+    if info.is_main:
+        banner = start_banner(cfg, info, engine, loader, total, steps_per_epoch, state["step"], latest)
+        log_banner(banner)
+        metrics.start(banner, cfg.to_dict())
 
     it = loader.epoch_iter(state["epoch"], state["batch"])
     stop_now = False
@@ -208,7 +217,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             parts = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
             msg = (f"non-finite loss at step {state['step']} (loss components: {parts}); the last good state is "
                    f"checkpointed at {saved}. Lower the lr, or set train.nonfinite=skip to skip such steps.")
-            metrics.close()
+            metrics.close("nonfinite")
             raise NonFiniteLoss(msg)
         grad_norm = engine.step(s["lr"], s["wd"], s["epoch"] < cfg.optim.freeze_last_layer)
         if engine.step_skipped:
@@ -271,7 +280,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None) -> di
             break
     if pbar is not None:
         pbar.close()
-    metrics.close()
+    metrics.close(exit_reason)
     return {"step": state["step"], "exit": exit_reason, "last": last_record, "engine": engine}
 
 
