@@ -92,7 +92,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _require(module: str, key: str) -> None:
     import importlib.util
-    if importlib.util.find_spec(module) is None:
+    import sys
+    if module in sys.modules:  # imported already (None there: known missing)
+        missing = sys.modules[module] is None
+    else:
+        missing = importlib.util.find_spec(module) is None
+    if missing:
         from .config import ConfigError
         raise ConfigError(f"config key '{key}': the {module} package is not installed "
                           f"(pip install 'sere_scale[{module}]')")
