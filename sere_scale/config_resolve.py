@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def _hint(cls, parts: list[str]):
 
 def resolve(tree: dict, root_cls, error) -> dict:
     """``tree`` with every ``${...}`` resolved (OmegaConf); plain dicts/lists out."""
+    reject_shell_vars(tree, error)
     if not _any_interp(tree):
         return tree
     from omegaconf import OmegaConf
@@ -71,6 +73,24 @@ def resolve(tree: dict, root_cls, error) -> dict:
         raise error(f"config key '{key}': {msg}") from None
     _decode(tree, out, root_cls, [])
     return out
+
+
+_SHELL_VAR = re.compile(r"(?<![$\\])\$([A-Za-z_][A-Za-z0-9_]*)")  # $NAME, not ${...}
+
+
+def reject_shell_vars(tree: dict, error, prefix: str = "") -> None:
+    """``$NAME`` in a value is a shell variable the config would keep as literal text (and fail later, e.g. as
+    a missing folder): an error naming the key and the interpolation that reads the environment."""
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            reject_shell_vars(v, error, key + ".")
+            continue
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            m = _SHELL_VAR.search(item) if isinstance(item, str) else None
+            if m:
+                raise error(f"config key '{key}': {item!r} holds the shell variable ${m.group(1)}, which the config "
+                            f"does not expand; write ${{oc.env:{m.group(1)}}} (or ${{oc.env:{m.group(1)},default}})")
 
 
 def _any_interp(x) -> bool:

@@ -44,7 +44,7 @@ class WandbTracker:
         mode = os.environ.get("WANDB_MODE") or w.mode
         self.run = wandb.init(project=w.project or None, entity=w.entity or None,
                               name=w.name or Path(self.cfg.output_dir).name, mode=mode, tags=list(w.tags) or None,
-                              dir=self.cfg.output_dir, config=config, resume="allow")
+                              dir=self.cfg.output_dir, config=config)
         self.run.summary["start"] = banner
 
     def log(self, values: dict, step: int) -> None:

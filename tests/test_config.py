@@ -152,3 +152,11 @@ def test_train_writes_nothing_on_a_config_error(tmp_path, bad):
     assert r.returncode == 2, r.stderr
     assert "config error" in r.stderr and "Traceback" not in r.stderr
     assert not run.exists()
+
+
+def test_a_shell_variable_in_a_value_is_an_error_naming_the_interpolation(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  path: $DATA/train\n")
+    with pytest.raises(ConfigError, match=r"'data.path'.*\$DATA.*\$\{oc.env:DATA\}"):
+        load_config(p)
+    assert load_config(None, ["output_dir=runs/a$$b"]).output_dir == "runs/a$$b"  # not a variable name
