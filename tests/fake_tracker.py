@@ -1,6 +1,7 @@
 """A generic tracker hook for tests (``log.hooks=[tests.fake_tracker:recorder]``): appends every call it gets
 to ``OUTPUT_DIR/tracker_calls_rank{RANK}.jsonl``. ``SERE_FAKE_TRACKER_SIGTERM_AT=N`` makes it send SIGTERM to
-its own process when step N is logged (a preemption in the middle of a run)."""
+its own process when step N is logged (a preemption in the middle of a run); ``SERE_FAKE_TRACKER_EXIT_AT=N``
+raises SystemExit there (the process ends without the loop's own close)."""
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ class Recorder:
     def __init__(self, cfg):
         self.path = Path(cfg.output_dir) / f"tracker_calls_rank{os.environ.get('RANK', '0')}.jsonl"
         self.sigterm_at = int(os.environ.get("SERE_FAKE_TRACKER_SIGTERM_AT", "0"))
+        self.exit_at = int(os.environ.get("SERE_FAKE_TRACKER_EXIT_AT", "0"))
 
     def _write(self, call: str, **kw):
         with self.path.open("a") as f:
@@ -23,6 +25,8 @@ class Recorder:
         self._write("log", values=values, step=step)
         if step == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
+        if step == self.exit_at:
+            raise SystemExit(5)
 
     def finish(self, exit_reason):
         self._write("finish", exit=exit_reason)

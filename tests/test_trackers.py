@@ -131,3 +131,38 @@ def test_real_wandb_offline_run_records_config_and_scalars(tmp_path, data16):
     data = open(files[0], "rb").read()  # wandb's record log: protobuf with JSON values, readable as bytes
     assert b"train/loss" in data and b"train/img_per_s" in data
     assert b'"batch_size":4' in data and b"vit_tiny_cpu" in data and b"sere_test" in data
+
+
+def test_hook_finishes_when_the_process_exits_without_the_loop_closing(tmp_path, data16):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sere_scale", "train",
+           *tiny_overrides(run, data16, "train.max_steps=4", "data.batch_size=4",
+                           "log.hooks=[tests.fake_tracker:recorder]")]
+    res = subprocess.run(cmd, env=subprocess_env(SERE_FAKE_TRACKER_EXIT_AT="2"), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 5, res.stderr[-3000:]
+    assert [c["call"] for c in calls(run)] == ["start", "log", "log", "finish"]
+    assert calls(run)[-1]["exit"] == "exited"
+
+
+def test_mlflow_tracker_calls(tmp_path, data16, monkeypatch):
+    """The MLflow tracker through a fake ``mlflow`` module recording calls (no server here)."""
+    rec = []
+    mod = types.ModuleType("mlflow")
+    for name in ("set_tracking_uri", "set_experiment", "start_run", "log_params", "log_dict", "log_metrics",
+                 "set_tag", "end_run"):
+        setattr(mod, name, (lambda n: lambda *a, **kw: rec.append((n, a, kw)))(name))
+    monkeypatch.setitem(sys.modules, "mlflow", mod)
+    cfg = tiny_config(tmp_path / "run", data16, "train.max_steps=2", "data.batch_size=4", "log.mlflow.enabled=true",
+                      "log.mlflow.tracking_uri=file:///tmp/x", "log.mlflow.experiment=exp")
+    train(cfg)
+    names = [n for n, _, _ in rec]
+    assert names == ["set_tracking_uri", "set_experiment", "start_run", "log_params", "log_dict", "log_metrics",
+                     "log_metrics", "set_tag", "end_run"]
+    assert rec[0][1] == ("file:///tmp/x",) and rec[1][1] == ("exp",) and rec[2][2] == {"run_name": "run"}
+    params = rec[3][1][0]
+    assert params["data.batch_size"] == 4 and params["model.arch"] == "vit_tiny_cpu"
+    rows = read_metrics(cfg.output_dir)
+    for (_, a, kw), r in zip(rec[5:7], rows):
+        assert kw["step"] == r["step"] and a[0]["loss"] == r["loss"]
+    assert rec[-2][1] == ("exit", "done") and rec[-1][2] == {"status": "FINISHED"}
