@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("src", help="ImageNet-style tree: SRC/train/<wnid>/*.JPEG, SRC/val/...")
     im.add_argument("out", help="output folder for shards, _info.json, _report-<split>.json")
     im.add_argument("--split", default="train", help="sub-folder of SRC to convert (default: train)")
+    im.add_argument("--split-name", default=None,
+                    help="name of the written split (default: --split); timm's ImageNet shards name the "
+                         "validation split 'validation' (then: --split val --split-name validation)")
     im.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
     im.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     im.add_argument("--seed", type=int, default=0, help="seed of the shuffle assigning images to shards")
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--quiet", action="store_true", help="no progress display")
     mg = sub.add_parser("merge", help="write _info.json and the report once all array tasks are done")
     mg.add_argument("out")
-    mg.add_argument("--split", default="train")
+    mg.add_argument("--split", default="train", help="the written split's name (--split-name if given)")
     vf = sub.add_parser("verify", help="check every shard opens and the counts match _info.json")
     vf.add_argument("out")
     vf.add_argument("--split", default=None, help="only this split (default: all)")
@@ -59,9 +62,9 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "imagenet":
             summary = convert(ConvertOptions(
-                args.src, args.out, args.split, args.shard_size, args.workers, args.seed, args.check, args.labels,
-                args.prefix, args.task_index, args.num_tasks, fsync=not args.no_fsync, progress=not args.quiet,
-                plan_only=args.plan_only))
+                args.src, args.out, args.split_name or args.split, args.shard_size, args.workers, args.seed,
+                args.check, args.labels, args.prefix, args.task_index, args.num_tasks, fsync=not args.no_fsync,
+                progress=not args.quiet, plan_only=args.plan_only, source_split=args.split))
             print(json.dumps(summary))
             return 0
         if args.cmd == "merge":

@@ -33,7 +33,7 @@ STALL_ENV = "SERE_PREP_STALL_AFTER_SHARDS"  # test hook: stall (sleep) inside th
 class ConvertOptions:
     src: str
     out: str
-    split: str = "train"
+    split: str = "train"  # the written split's name (shard names, _info.json, reports)
     shard_size: int = 1000
     workers: int = 1
     seed: int = 0
@@ -45,6 +45,7 @@ class ConvertOptions:
     fsync: bool = True
     progress: bool = True
     plan_only: bool = False
+    source_split: str = ""  # sub-folder of src to read (default: split)
 
 
 def parts_dir(out: str | os.PathLike, split: str) -> Path:
@@ -167,7 +168,7 @@ def convert(opts: ConvertOptions) -> dict:
     if opts.num_tasks > 1 and plan_path(out, opts.split).exists():
         plan = stored_plan(out, opts)  # array tasks: no re-listing of SRC by every task
     else:
-        items, classes = list_split(opts.src, opts.split, opts.labels)
+        items, classes = list_split(opts.src, opts.source_split or opts.split, opts.labels)
         plan = plan_for(out, make_plan(items, classes, opts.split, opts.seed, opts.shard_size, opts.prefix))
     if opts.plan_only:
         return {"split": opts.split, "plan": str(plan_path(out, opts.split)), "num_inputs": len(plan.inputs),
@@ -266,8 +267,24 @@ def finalize(out: str | os.PathLike, split: str) -> dict:
             "shard_lengths": [r["count"] for r in recs], "num_corrupt": len(corrupt), "seed": plan.seed,
             "shard_size": plan.shard_size}
         atomic_write_text(info_p, json.dumps(info, indent=1))
+        write_wids_index(out, f"{plan.prefix}-{split}", split, [r["name"] for r in recs], [r["count"] for r in recs])
     if corrupt:
         log.warning("%s: skipped %d unreadable inputs (listed in %s)", split, len(corrupt),
                     out / f"_report-{split}.json")
     return {"num_samples": n, "num_corrupt": len(corrupt), "num_reencoded": len(reenc),
             "num_shards": plan.num_shards}
+
+
+def wids_index_path(out: str | os.PathLike, split: str) -> Path:
+    return Path(out) / f"_wids-{split}.json"
+
+
+def write_wids_index(out: Path, name: str, split: str, filenames: list, counts: list) -> Path:
+    """The split's ``wids`` shard index (``wids.ShardListDataset("OUT/_wids-SPLIT.json")``): format
+    ``wids-shard-index-v1``, shard URLs relative to the index's folder, with their sample counts and sizes."""
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name,
+             "shardlist": [{"url": f, "nsamples": int(n), "filesize": (Path(out) / f).stat().st_size}
+                           for f, n in zip(filenames, counts)]}
+    p = wids_index_path(out, split)
+    atomic_write_text(p, json.dumps(index, indent=1))
+    return p

@@ -17,11 +17,13 @@ COMMANDS = [
     "sere_scale.commands.invariance",
     "sere_scale.commands.linear",
     "sere_scale.commands.export",
+    "sere_scale.commands.config",
 ]
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config file (configs/*.yaml)")
+    p.add_argument("--config", "-c", action="append", default=[],
+                   help="YAML config file (configs/*.yaml); repeat to merge several in order (later wins)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
 
 

@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .config_resolve import _hint, deep_merge, read_yaml, resolve
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -159,6 +161,32 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "sere_scale"
+    entity: str = ""  # team or user (default: wandb's default entity)
+    name: str = ""  # run name (default: the output folder's name)
+    mode: Literal["online", "offline", "disabled"] = "online"  # WANDB_MODE, if set, wins
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = False
+    tracking_uri: str = ""  # default: MLflow's own (MLFLOW_TRACKING_URI or ./mlruns)
+    experiment: str = ""
+    run_name: str = ""  # default: the output folder's name
+
+
+@dataclass
+class LogConfig:
+    """Experiment trackers, rank 0 only (sere_scale/trackers.py); metrics.jsonl and TensorBoard always."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    hooks: list[str] = field(default_factory=list)  # generic trackers: "package.module:factory", factory(cfg)
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -170,6 +198,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -280,15 +309,15 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _set_override(cfg: Config, key: str, value: Any) -> None:
-    obj, parts = cfg, key.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
-            raise _unknown(key, Config)
-        obj = getattr(obj, p)
-    if not dataclasses.is_dataclass(obj):
-        raise _unknown(key, Config)
-    _apply(obj, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return out
 
 
 def validate(cfg: Config) -> Config:
@@ -332,6 +361,7 @@ def validate(cfg: Config) -> Config:
     for k in ("knn_train_path", "val_path"):
         req(cfg.eval.knn_every == 0 or getattr(cfg.eval, k), f"eval.{k}",
             "must be set when eval.knn_every > 0 (labelled image folder or shard spec)")
+    _check_arch(cfg.model.arch)
     return cfg
 
 
@@ -347,29 +377,48 @@ def validate_model(cfg: Config, embed_dim: int, num_heads: int, patch_size: int)
         raise ConfigError(f"config key '{key}': {m} relation heads do not divide the backbone width {embed_dim}")
 
 
-def _read_yaml(p: Path):
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
-        raise ConfigError(f"config file {where}: malformed YAML ({what})") from None
+
+def _check_arch(arch: str) -> None:
+    """``model.arch`` must be one of our named variants or a timm model name (a ``.tag`` suffix allowed)."""
+    import timm
+
+    from .arch import VARIANTS
+    if arch in VARIANTS or timm.is_model(arch.split(".")[0]):
+        return
+    close = difflib.get_close_matches(arch, [*VARIANTS, *timm.list_models("*vit*")], n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"config key 'model.arch': unknown model '{arch}' (a timm ViT name or one of "
+                      f"{sorted(VARIANTS)}){hint}")
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:
-    """Build a :class:`Config` from an optional YAML file and ``key.sub=value`` overrides."""
-    cfg = Config()
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file '{p}' does not exist")
-        data = _read_yaml(p) or {}
-        _apply(cfg, data)
+def load_config(path: Optional[str | Path | list | tuple] = None, overrides: list[str] | tuple = ()) -> Config:
+    """Build a :class:`Config` from YAML files (none, one, or several merged in order) and ``key.sub=value``
+    overrides, with ``${oc.env:NAME[,default]}`` / ``${section.key}`` interpolation (:mod:`.config_resolve`),
+    typed and validated; nothing is written."""
+    user: dict = {}
+    for p in _paths(path):
+        user = deep_merge(user, read_yaml(p, ConfigError))
     for item in overrides:
         key, value = parse_override(item)
-        _set_override(cfg, key, value)
+        if _hint(Config, key.split(".")) is None:
+            raise _unknown(key, Config)
+        user = deep_merge(user, _nest(key, value))
+    full = resolve(deep_merge(Config().to_dict(), user), Config, ConfigError)
+    cfg = Config()
+    _apply(cfg, _restrict(full, user))
     return validate(cfg)
+
+
+def _paths(path) -> list:
+    if not path:
+        return []
+    return [path] if isinstance(path, (str, Path)) else [p for p in path if p]
+
+
+def _restrict(full: dict, user: dict) -> dict:
+    """The keys of ``user`` with their (resolved) values from ``full``."""
+    return {k: _restrict(full[k], v) if isinstance(v, dict) and isinstance(full.get(k), dict) else full.get(k, v)
+            for k, v in user.items()}
 
 
 def config_from_dict(data: dict) -> Config:

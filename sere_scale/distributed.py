@@ -86,3 +86,28 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum over ranks of the output gradients (every rank's input
+    contributes to every rank's output)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g)
+        return g
+
+
+def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) with autograd, on the public ``dist.all_reduce`` (replaces the deprecated
+    ``torch.distributed.nn.functional.all_reduce``); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    return _AllReduceSum.apply(t)

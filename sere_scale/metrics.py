@@ -1,4 +1,7 @@
-"""Run metrics: one JSON object per logged step in ``metrics.jsonl`` and TensorBoard scalars (rank 0).
+"""Run metrics (rank 0): one JSON object per logged step in ``metrics.jsonl`` (each with ``time``, Unix
+seconds), TensorBoard scalars, and the experiment trackers of :mod:`.trackers`. A run (or resumed segment)
+starts with one ``"event": "start"`` record holding the start-up banner (:mod:`.banner`); TensorBoard gets
+the resolved config as text and hparams.
 
 ``metrics.jsonl`` is strict JSON: a non-finite figure (NaN, ±inf) is written as ``null`` and its key listed in
 the record's ``"nonfinite"`` field, e.g. ``{"loss": null, ..., "nonfinite": ["loss"]}``.
@@ -7,15 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: Optional[int] = None,
+                 trackers: Optional[list] = None):
+        from .trackers import Trackers
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
+        self.trackers = Trackers(trackers if enabled and trackers else [])
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -29,18 +36,39 @@ class MetricsLogger:
         except ImportError:  # tensorboard is a declared dependency; tolerate its absence anyway
             self.tb = None
 
+    def start(self, banner: dict, config: dict) -> None:
+        """The run's first record (the banner); the config to TensorBoard (text, hparams) and the trackers."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"event": "start", "step": (banner.get("resume") or {}).get("step", 0),
+                                "time": time.time(), **banner}, default=str) + "\n")
+        if self.tb is not None:
+            import yaml
+
+            from .trackers import _flat
+            text = yaml.safe_dump(config, sort_keys=False)
+            self.tb.add_text("config", "\n".join("    " + ln for ln in text.splitlines()), 0)
+            hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(config).items()}
+            self.tb.add_hparams(hp, {}, run_name=".")
+        self.trackers.start(config, banner)
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        if "time" not in record:  # wall clock, Unix seconds, right after the step
+            record = {**({"step": record["step"]} if "step" in record else {}), "time": time.time(), **record}
         with self.path.open("a") as f:
             f.write(strict_json(record) + "\n")
         if self.tb is not None:
             step = record.get("step", 0)
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"train/{k}", v, step)
+        self.trackers.log(record)
 
-    def close(self) -> None:
+    def close(self, exit_reason: str = "done") -> None:
+        self.trackers.finish(exit_reason)
         if self.tb is not None:
             self.tb.close()
             self.tb = None
@@ -81,6 +109,8 @@ def _parse(line: str) -> Optional[dict]:
         return None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def read_metrics(run_dir: str | Path, events: bool = False) -> list[dict]:
+    """The step records of ``metrics.jsonl`` (with ``events=True`` also the ``"event"`` records: start)."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [r for ln in p.read_text().splitlines() if (r := _parse(ln)) is not None] if p.exists() else []
+    recs = [r for ln in p.read_text().splitlines() if (r := _parse(ln)) is not None] if p.exists() else []
+    return recs if events else [r for r in recs if "event" not in r]

@@ -46,7 +46,7 @@ def stop(cfg, engine, ckpt, state: dict, out: dict, metrics) -> NonFiniteLoss:
     else:
         saved = ckpt.save(engine, dict(state))
     parts = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
-    metrics.close()
+    metrics.close("nonfinite")
     return NonFiniteLoss(f"non-finite loss at step {state['step']} (loss components: {parts}); the last good state "
                          f"is checkpointed at {saved}. Lower the lr, or set train.nonfinite=skip to skip such steps.")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import nonfinite, startup
+from .banner import log_banner, start_banner
 from .checkpoint import CheckpointSaveError
 from .config import Config, ConfigError
 from .data.device import to_device as _to_device
@@ -24,6 +25,7 @@ from .method import SEREMethod
 from .metrics import MetricsLogger
 from .models.network import build_student_teacher
 from .schedules import build_schedules
+from .trackers import build_trackers
 from .watchdog import HANG_MARKER, HangWatchdog
 
 log = logging.getLogger("sere_scale")
@@ -110,6 +112,7 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_
     none by default."""
     info = info or init_distributed()
     run_dir = Path(cfg.output_dir)
+    trackers = build_trackers(cfg) if info.is_main else []  # a missing tracker package fails before any write
     lock = startup.check_run_dir(run_dir, resume, move_old, info)
     # Models are built from the same seed on every rank (identical initial weights), then each rank gets
     # its own random stream (drop-path).
@@ -142,18 +145,20 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_
                                 REQUEUE_MARKER)
     if info.is_main:
         (run_dir / HANG_MARKER).unlink(missing_ok=True)
-    metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None)
+    metrics = MetricsLogger(run_dir, info.is_main, resume_step=state["step"] if resume else None,
+                            trackers=trackers)
     try:
         return _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch,
                      preempt or _Preemption(),
-                     watchdog or HangWatchdog(cfg.train.hang_timeout_s, run_dir, info.rank))  # not started: inert
+                     watchdog or HangWatchdog(cfg.train.hang_timeout_s, run_dir, info.rank),  # not started: inert
+                     loaded["path"] if loaded is not None else None)
     finally:
-        metrics.close()
+        metrics.close("error")  # a no-op after the loop's own close (trackers finish once)
         lock.release()
 
 
 def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metrics, steps_per_epoch, preempt,
-          watchdog) -> dict:
+          watchdog, latest) -> dict:
     accum = cfg.train.grad_accum
 
     total = sched.total_steps
@@ -169,6 +174,10 @@ def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metric
     window_t, window_imgs, window_corrupt, window_wait, window_steps = time.perf_counter(), 0, 0, 0.0, 0
     global_batch = cfg.data.batch_size * info.world_size * accum
     mfu = LiveMFU(info.device, engine.precision) if cfg.train.log_mfu else None
+    if info.is_main:
+        banner = start_banner(cfg, info, engine, loader, total, steps_per_epoch, state["step"], latest)
+        log_banner(banner)
+        metrics.start(banner, cfg.to_dict())
 
     it = loader.epoch_iter(state["epoch"], state["batch"])
     stop_now, n_consecutive = False, 0
@@ -284,14 +293,14 @@ def _loop(cfg, info, engine, method, loader, augment, sched, ckpt, state, metric
             ckpt.save(engine, dict(state))
             watchdog.beat(step)
         if n_consecutive >= cfg.train.max_consecutive_skips:
-            metrics.close()
+            metrics.close("nonfinite")
             raise nonfinite.diverged(cfg, ckpt, n_consecutive, state["step"])
         if stop_now:
             exit_reason = "preempted"
             break
     if pbar is not None:
         pbar.close()
-    metrics.close()
+    metrics.close(exit_reason)
     return {"step": state["step"], "exit": exit_reason, "last": last_record, "engine": engine}
 
 

@@ -252,3 +252,50 @@ def test_scan_check_rejects_everything_a_full_decode_rejects():
         if not full_ok:
             assert prepare_image(b, "scan").data is None, f"case {t} (kind {kind}) accepted by scan"
     assert n_full_rejects > 100
+
+
+def test_wids_index_beside_info_json_reads_with_shard_list_dataset(converted):
+    """``_wids-SPLIT.json`` (wids' shard index) lists every shard with its count; ``wids.ShardListDataset``
+    reads each sample once, by index, with the bytes of the tars."""
+    wids = pytest.importorskip("wids")
+    _, meta, out, _ = converted
+    index = json.loads((out / "_wids-train.json").read_text())
+    info = json.loads((out / "_info.json").read_text())["splits"]["train"]
+    assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+    assert [s["url"] for s in index["shardlist"]] == info["filenames"]
+    assert [s["nsamples"] for s in index["shardlist"]] == info["shard_lengths"]
+    ds = wids.ShardListDataset(str(out / "_wids-train.json"), transformations=[])
+    assert len(ds) == len(meta["good"])
+    want = all_samples(out)
+    got = {}
+    for i in range(len(ds)):
+        s = ds[i]
+        got[s["__key__"]] = s
+    assert set(got) == set(want)
+    for k, s in want.items():
+        assert int(got[k][".cls"].read()) == int(s["cls"])
+
+
+def test_split_written_under_the_given_name_for_timm_validation(tmp_path):
+    """``--split val --split-name validation``: timm's ``split='validation'`` reads it; our shard specs accept
+    ``#validation`` and ``#val`` for it."""
+    import timm.data
+
+    from sere_scale.data.shardlist import resolve_shards
+    src = tmp_path / "src"
+    make_tree(src, specials=False, per_class=2)
+    os.rename(src / "train", src / "val")
+    make_tree(tmp_path / "src2", specials=False, per_class=1)
+    os.rename(tmp_path / "src2" / "train", src / "train")
+    out = tmp_path / "out"
+    run_prep("imagenet", src, out, "--split", "val", "--split-name", "validation", "--shard-size", 2, "--workers", 1,
+             "--quiet")
+    info = json.loads((out / "_info.json").read_text())
+    n = info["splits"]["validation"]["num_samples"]
+    assert set(info["splits"]) == {"validation"} and n == len(list((src / "val").rglob("*.*")))
+    assert all(f.startswith("imagenet-validation-") for f in info["splits"]["validation"]["filenames"])
+    assert (out / "_wids-validation.json").exists() and (out / "_report-validation.json").exists()
+    ds = timm.data.create_dataset("wds/imagenet", root=str(out), split="validation", is_training=False, batch_size=1)
+    assert len(list(ds)) == n
+    for spec in (f"{out}#validation", f"{out}#val"):
+        assert sum(resolve_shards(spec).counts) == n

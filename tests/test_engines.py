@@ -206,6 +206,42 @@ def test_teacher_readers_rebuild_the_full_teacher_of_every_backend(two_rank):
         assert torch.equal(dict(net.named_parameters())["backbone.vit.cls_token"], ref["backbone.vit.cls_token"])
 
 
+
+def test_step_folders_convert_with_deepspeed_zero_to_fp32_and_torch_dcp_to_torch_save(two_rank, tmp_path):
+    """The tools' own documented commands, no flags: DeepSpeed's ``zero_to_fp32.py STEP OUT`` (the script
+    DeepSpeed copies into the step folder) gives the fp32 student; torch's ``format_utils
+    dcp_to_torch_save`` gives student, teacher and optimizer of an FSDP step. Our student readers agree."""
+    from sere_scale.models.load import read_state
+    tmp, _ = two_rank
+    for name in ("zero2", "zero3", "fsdp"):
+        ck = find_latest(tmp / name)
+        ref = torch.load(tmp / name / "ref.pt", weights_only=False)
+        out = tmp_path / name
+        if name.startswith("zero"):
+            assert (ck / "latest").read_text().strip() == "deepspeed"
+            r = subprocess.run([sys.executable, str(ck / "zero_to_fp32.py"), str(ck), str(out)],
+                               env=env(), capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+            student = torch.load(out / "pytorch_model.bin", weights_only=False)
+        else:
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch",
+                                str(ck / "dcp"), str(out) + ".pt"], env=env(), capture_output=True, text=True,
+                               timeout=300)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+            full = torch.load(str(out) + ".pt", weights_only=False)
+            assert {"student", "teacher", "optimizer"} <= set(full)
+            for k, v in ref["teacher"].items():
+                assert torch.equal(full["teacher"][k].float(), v), (name, k)
+            student = full["student"]
+        params = {k for k in ref["student"] if "backbone.vit.blocks.0" in k}
+        assert params and "backbone.vit.cls_token" in student
+        for k, v in ref["student"].items():
+            if k in student or k in params:
+                assert torch.equal(student[k].float(), v), (name, k)
+        mine = read_state(ck, "student")
+        for k, v in ref["student"].items():
+            assert torch.equal(mine[k].float(), v), (name, k)
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

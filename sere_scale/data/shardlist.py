@@ -90,12 +90,18 @@ def sample_key(name: str) -> str:
     return f"{d}/{stem}" if d else stem
 
 
+# a split asked for under one name and stored under the other (timm's ImageNet shards: 'validation')
+SPLIT_ALIASES = {"val": "validation", "validation": "val"}
+
+
 def from_info(path: str, split: str | None = None) -> ShardSet:
     with open(path) as f:
         info = json.load(f)
     splits = info.get("splits") or {}
     if split is None:
         split = "train" if "train" in splits or len(splits) != 1 else next(iter(splits))
+    if split not in splits and SPLIT_ALIASES.get(split) in splits:  # timm's layout names it 'validation'
+        split = SPLIT_ALIASES[split]
     if split not in splits:
         raise ShardSpecError(f"split '{split}' not in {path} (it has {sorted(splits)}); add '#SPLIT' to the spec")
     sp = splits[split]

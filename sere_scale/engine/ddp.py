@@ -105,3 +105,8 @@ class DDPEngine(Engine):
 def read_ddp_teacher(ckpt_dir: str | Path) -> dict:
     """The teacher state dict of a DDP checkpoint (``model.pt``), on CPU."""
     return torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=False)["teacher"]
+
+
+def read_ddp_student(ckpt_dir: str | Path) -> dict:
+    """The student state dict of a DDP checkpoint (``model.pt``), on CPU."""
+    return torch.load(Path(ckpt_dir) / "model.pt", map_location="cpu", weights_only=False)["student"]

@@ -319,7 +319,9 @@ class DeepSpeedEngine(Engine):
         return {k: v.detach().cpu().clone() for k, v in self.teacher_module.state_dict().items() if k not in params}
 
     def save(self, ckpt_dir, train_state):
-        self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={}, save_latest=False)
+        # save_latest: the step folder gets DeepSpeed's own ``latest`` file (→ tag), so DeepSpeed's
+        # ``zero_to_fp32.py STEP_DIR OUT`` converts it (the student) with no flags
+        self.ds.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={}, save_latest=True)
         rank = dist.get_rank()
         if self.stage == 3:
             torch.save(self._teacher_shard(), os.path.join(ckpt_dir, f"teacher_rank{rank:05d}.pt"))
@@ -397,3 +399,9 @@ def read_deepspeed_teacher(ckpt_dir: str | Path) -> dict:
         out[name] = flat[:n].view(shape).clone()
     out.update(shards[0]["buffers"])
     return out
+
+
+def read_deepspeed_student(ckpt_dir: str | Path) -> dict:
+    """The full fp32 student state dict (DeepSpeed's fp32 masters), by DeepSpeed's own converter."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)

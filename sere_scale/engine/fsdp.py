@@ -261,3 +261,7 @@ def read_dcp_prefix(dcp_dir: str | Path, prefix: str) -> dict:
 
 def read_fsdp_teacher(ckpt_dir: str | Path) -> dict:
     return read_dcp_prefix(Path(ckpt_dir) / DCP_DIR, "teacher")
+
+
+def read_fsdp_student(ckpt_dir: str | Path) -> dict:
+    return read_dcp_prefix(Path(ckpt_dir) / DCP_DIR, "student")

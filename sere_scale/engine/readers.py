@@ -1,7 +1,8 @@
-"""Reading the trained teacher of any backend's checkpoint in one process (no process group, any saving world
-size): ``read_teacher_state(ckpt_dir)`` → the full fp32 teacher state dict (parameter names as the network's
-``state_dict``). Each engine module defines the reader of its own format; ``TEACHER_READERS`` may add others
-(backend name in the checkpoint's meta.json → ``reader(ckpt_dir)``)."""
+"""Reading a trained network of any backend's checkpoint in one process (no process group, any saving world
+size): ``read_state(ckpt_dir, "teacher" | "student")`` → its full fp32 state dict (parameter names as the
+network's ``state_dict``); ``read_teacher_state(ckpt_dir)`` is the teacher's. Each engine module defines the
+readers of its own format; ``TEACHER_READERS`` / ``STUDENT_READERS`` may add others (backend name in the
+checkpoint's meta.json → ``reader(ckpt_dir)``)."""
 from __future__ import annotations
 
 import json
@@ -9,25 +10,34 @@ from pathlib import Path
 from typing import Callable
 
 TEACHER_READERS: dict[str, Callable[[Path], dict]] = {}
+STUDENT_READERS: dict[str, Callable[[Path], dict]] = {}
 
 
-def _builtin_reader(backend: str) -> Callable[[Path], dict]:
+def _builtin_reader(backend: str, weights: str) -> Callable[[Path], dict]:
     if backend == "ddp":
-        from .ddp import read_ddp_teacher
-        return read_ddp_teacher
-    if backend == "fsdp":
-        from .fsdp import read_fsdp_teacher
-        return read_fsdp_teacher
-    if backend == "deepspeed":
-        from .deepspeed import read_deepspeed_teacher
-        return read_deepspeed_teacher
-    raise ValueError(f"checkpoint written by an unknown backend '{backend}' (known: ddp, fsdp, deepspeed"
-                     + "".join(f", {k}" for k in sorted(TEACHER_READERS)) + ")")
+        from . import ddp as mod
+    elif backend == "fsdp":
+        from . import fsdp as mod
+    elif backend == "deepspeed":
+        from . import deepspeed as mod
+    else:
+        extra = sorted({*TEACHER_READERS, *STUDENT_READERS})
+        raise ValueError(f"checkpoint written by an unknown backend '{backend}' (known: ddp, fsdp, deepspeed"
+                         + "".join(f", {k}" for k in extra) + ")")
+    return getattr(mod, f"read_{backend}_{weights}")
 
 
-def read_teacher_state(ckpt_dir: str | Path) -> dict:
+def read_state(ckpt_dir: str | Path, weights: str = "teacher") -> dict:
+    """The full state dict of the ``weights`` ("teacher" or "student") network of a checkpoint folder."""
+    if weights not in ("teacher", "student"):
+        raise ValueError(f"weights must be 'teacher' or 'student', got {weights!r}")
     ckpt_dir = Path(ckpt_dir)
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     backend = meta.get("backend", "ddp")
-    reader = TEACHER_READERS.get(backend) or _builtin_reader(backend)
+    extra = TEACHER_READERS if weights == "teacher" else STUDENT_READERS
+    reader = extra.get(backend) or _builtin_reader(backend, weights)
     return reader(ckpt_dir)
+
+
+def read_teacher_state(ckpt_dir: str | Path) -> dict:
+    return read_state(ckpt_dir, "teacher")

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+from ..distributed import differentiable_all_reduce
 
 
 class WeightNormLinear(nn.Module):

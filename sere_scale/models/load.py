@@ -8,10 +8,10 @@ import yaml
 
 from ..checkpoint import find_latest
 from ..config import config_from_dict
-from ..engine.readers import read_teacher_state
+from ..engine.readers import read_state, read_teacher_state
 from .network import build_network
 
-__all__ = ["load_run_config", "load_teacher", "read_teacher_state", "resolve_checkpoint"]
+__all__ = ["load_run_config", "load_teacher", "read_state", "read_teacher_state", "resolve_checkpoint"]
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
