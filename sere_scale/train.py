@@ -152,8 +152,10 @@ def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_
                      preempt or _Preemption(),
                      watchdog or HangWatchdog(cfg.train.hang_timeout_s, run_dir, info.rank),  # not started: inert
                      loaded["path"] if loaded is not None else None)
+    except BaseException as e:  # trackers finish once: a no-op after the loop's own close
+        metrics.close("exited" if isinstance(e, SystemExit) else "error")
+        raise
     finally:
-        metrics.close("error")  # a no-op after the loop's own close (trackers finish once)
         lock.release()
 
 

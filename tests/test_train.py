@@ -264,7 +264,9 @@ def test_metrics_are_strict_json(tmp_path, small_data, monkeypatch):
     _nan_at(monkeypatch, 2)
     train(tiny_config(tmp_path / "run", small_data, "train.max_steps=3", "train.nonfinite=skip"))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    recs = [json.loads(ln, parse_constant=refuse) for ln in lines]
+    recs = [json.loads(ln, parse_constant=refuse) for ln in lines]  # every line, the start record included
+    assert recs[0].get("event") == "start"
+    recs = [r for r in recs if "event" not in r]
     assert recs[1]["loss"] is None and set(recs[1]["nonfinite"]) >= {"loss"}
     assert all(recs[1][k] is None for k in recs[1]["nonfinite"])
     assert "nonfinite" not in recs[0] and isinstance(recs[0]["loss"], float)
