@@ -44,6 +44,7 @@ class DataConfig:
     photometric: bool = True
     batch_size: int = 64  # per rank, per micro-step
     num_workers: int = 8
+    worker_timeout_s: float = 600.0  # longest wait for one batch from the loader workers (0: none); data/workers.py
     augment: Literal["cpu", "gpu"] = "cpu"
     crop_impl: Literal["fast", "pil"] = "fast"  # CPU multi-crop: FastMultiCrop (uint8 torch resize) or PIL
 
@@ -301,6 +302,7 @@ def validate(cfg: Config) -> Config:
     req(d.n_global >= 2, "data.n_global", "at least 2 global crops are needed")
     req(d.n_local >= 0, "data.n_local", "must be >= 0")
     req(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    req(d.worker_timeout_s >= 0, "data.worker_timeout_s", "must be >= 0 (seconds; 0: no timeout)")
     for k in ("global_scale", "local_scale"):
         lo, hi = getattr(d, k)
         req(0 < lo <= hi <= 1, f"data.{k}", "needs 0 < low <= high <= 1")
