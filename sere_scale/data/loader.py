@@ -3,7 +3,8 @@
 A loader exposes ``batches_per_epoch`` (steps each rank gets per epoch, equal on every rank) and
 ``epoch_iter(epoch, start_batch)`` yielding collated batches (see ``transform.collate_ssl``) from batch
 ``start_batch`` of ``epoch`` on. The training loop stores (epoch, batch) in the checkpoint; resuming calls
-``epoch_iter(epoch, batch)``, so no sample of the epoch is seen twice or skipped.
+``epoch_iter(epoch, batch)``, so no sample of the epoch is seen twice or skipped. Loader workers start once per
+run and serve every epoch (``workers.py``; docs/DATA.md, "Loader workers").
 """
 from __future__ import annotations
 

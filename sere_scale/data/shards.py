@@ -118,7 +118,6 @@ class ShardLoader:
         self._lazy = _lazy_ok(transform)
         self._position = self._next = (0, 0)
         self._warned = 0
-        self.spec = shards
         self.workers = Workers(num_workers, worker_timeout_s, f"shards '{shards}' (rank {rank})")
         self._dl = None
 
