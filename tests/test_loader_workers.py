@@ -4,6 +4,7 @@ of (seed, epoch, index), same resume position), signals ignored, and a stalled w
 names the worker and the data."""
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -111,3 +112,50 @@ def test_the_worker_timeout_is_a_validated_config_key():
     assert load_config(None, []).data.worker_timeout_s == 600
     with pytest.raises(ConfigError, match="data.worker_timeout_s"):
         load_config(None, ["data.worker_timeout_s=-1"])
+
+
+TRAINER = """import sys, time
+from sere_scale.data.loader import FolderLoader
+from sere_scale.data.transform import SSLTransform
+from tests.tiny import tiny_config
+if __name__ == "__main__":  # the forkserver imports the main module: a script must be guarded, as for spawn
+    root = sys.argv[1]
+    ld = FolderLoader(root, SSLTransform.from_config(tiny_config(root, root)), 4, 0, 1, 0, 2)
+    it = ld.epoch_iter(0)
+    next(it), next(it)  # a batch from each worker: both have started
+    print(*ld.workers.pids, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_and_their_forkserver_end_when_the_training_process_is_killed(data20, tmp_path):
+    """SIGKILL leaves the workers no signal to see (and they ignore SIGTERM): they must notice by themselves."""
+    import subprocess
+    import sys
+    from tests.conftest import subprocess_env
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    p = subprocess.Popen([sys.executable, str(script), str(data20)], env=subprocess_env(), stdout=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    guard = threading.Timer(300, lambda: os.killpg(p.pid, signal.SIGKILL))  # never a stuck CI
+    guard.start()
+    try:
+        pids = [int(x) for x in p.stdout.readline().split()]
+        assert len(pids) == 2 and all(pids), pids
+        with open(f"/proc/{pids[0]}/stat") as f:
+            forkserver = int(f.read().rsplit(")", 1)[1].split()[1])  # the workers' parent
+        assert forkserver != p.pid
+        p.kill()
+        p.wait()
+        procs = [*pids, forkserver]
+        for _ in range(300):
+            alive = [q for q in procs if os.path.exists(f"/proc/{q}") and
+                     "Z (zombie)" not in open(f"/proc/{q}/status").read()]
+            if not alive:
+                break
+            time.sleep(0.1)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        guard.cancel()
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -9,7 +9,8 @@ error names the workers and the data.
 * **Once per run.** Training loaders keep one ``DataLoader`` with ``persistent_workers=True`` for the whole run
   and pass everything that changes per epoch (epoch, resume position) through the sampler's indices, since the
   workers' copies of the dataset never see the main process's attributes again (``loader.py``, ``shards.py``).
-* **Signals.** Every worker runs ``worker_signals.worker_init`` first (SIGTERM/SIGUSR1/SIGINT ignored).
+* **Signals.** Every worker runs ``worker_signals.worker_init`` first (SIGTERM/SIGUSR1/SIGINT ignored), and ends
+  by itself when the training process is gone (however it died) or its forkserver exits.
 * **Timeout.** ``data.worker_timeout_s`` bounds the wait for one batch (DataLoader ``timeout``); when it passes,
   :class:`LoaderTimeout` names the data, the batch waited for, and each worker's id, pid and state.
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from functools import partial
 from typing import Callable, Iterator, Optional
 
@@ -55,9 +58,24 @@ def _die_with_parent() -> None:
         pass
 
 
-def _start_worker(worker_id: int, pids, user_init: Optional[Callable]) -> None:
+def _exit_with(trainer_pid: int, every_s: float = 1.0) -> None:
+    """End this worker when the training process is gone. The DataLoader's own check watches the worker's parent,
+    here the forkserver, and the forkserver lives while any worker holds its liveness pipe (every process it
+    starts gets one): without this, a training process killed with SIGKILL would leave both behind for good."""
+    def watch():
+        while True:
+            time.sleep(every_s)
+            state = _state(trainer_pid)
+            if state == "gone" or state.startswith("Z"):
+                os._exit(0)
+    threading.Thread(target=watch, name="sere-trainer-watch", daemon=True).start()
+
+
+def _start_worker(worker_id: int, pids, user_init: Optional[Callable], trainer_pid: int = 0) -> None:
     worker_init(worker_id)
     _die_with_parent()
+    if trainer_pid > 0:
+        _exit_with(trainer_pid)
     pids[worker_id] = os.getpid()
     pid_dir = os.environ.get(PID_DIR_ENV)
     if pid_dir:
@@ -83,7 +101,8 @@ class Workers:
             return {"num_workers": 0}
         return {"num_workers": self.num_workers, "multiprocessing_context": self.ctx,
                 "persistent_workers": persistent, "timeout": self.timeout_s,
-                "worker_init_fn": partial(_start_worker, pids=self.pids, user_init=self.init_fn)}
+                "worker_init_fn": partial(_start_worker, pids=self.pids, user_init=self.init_fn,
+                                          trainer_pid=os.getpid())}
 
     def guard(self, it: Iterator, where: Callable[[], str] = lambda: "the next batch") -> Iterator:
         """``it``'s items; a DataLoader timeout becomes a :class:`LoaderTimeout` naming workers and data."""
