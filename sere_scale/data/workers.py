@@ -49,8 +49,8 @@ def mp_context():
 
 
 def _die_with_parent() -> None:
-    """SIGKILL this worker when its parent (the forkserver, which exits with the training process) dies: a
-    worker ignores SIGTERM, and one stuck in I/O never reaches the DataLoader's own parent check."""
+    """SIGKILL this worker when its parent (the forkserver) dies: a worker ignores SIGTERM, and one stuck in I/O
+    never reaches the DataLoader's own parent check."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
