@@ -51,6 +51,7 @@ class DataConfig:
     photometric: bool = True
     batch_size: int = 64  # per rank, per micro-step
     num_workers: int = 8
+    worker_timeout_s: float = 600.0  # longest wait for one batch from the loader workers (0: none); data/workers.py
     augment: Literal["cpu", "gpu"] = "cpu"
     crop_impl: Literal["fast", "pil"] = "fast"  # CPU multi-crop: FastMultiCrop (uint8 torch resize) or PIL
 
@@ -332,6 +333,7 @@ def validate(cfg: Config) -> Config:
     req(d.num_workers >= 0, "data.num_workers", "must be >= 0 (0: load in the main process)")
     req(d.global_size >= 1 and d.local_size >= 1, "data.global_size" if d.global_size < 1 else "data.local_size",
         "must be >= 1")
+    req(d.worker_timeout_s >= 0, "data.worker_timeout_s", "must be >= 0 (seconds; 0: no timeout)")
     for k in ("global_scale", "local_scale"):
         lo, hi = getattr(d, k)
         req(0 < lo <= hi <= 1, f"data.{k}", "needs 0 < low <= high <= 1")

@@ -15,6 +15,7 @@ import torch
 from sere_scale.checkpoint import find_latest
 from sere_scale.metrics import read_metrics
 from sere_scale.train import train
+import tests.capability as cap
 from tests.test_engines import CURVE_KEYS
 from tests.tiny import tiny_config
 from tests.conftest import digits_subset
@@ -47,6 +48,7 @@ def assert_same(a_dir, b_dir, rel=1e-5):
 
 
 def test_compiled_blocks_reproduce_eager_and_checkpoints_are_interchangeable(tmp_path, data24):
+    cap.require_inductor()
     eager = run(tmp_path / "eager", data24, False)
     compiled = run(tmp_path / "compiled", data24, True)
     blocks = compiled["engine"].student_module.backbone.vit.blocks

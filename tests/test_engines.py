@@ -30,6 +30,7 @@ import torch
 
 from sere_scale.checkpoint import find_latest
 from sere_scale.metrics import read_metrics
+import tests.capability as cap
 from tests.conftest import ROOT, digits_subset, subprocess_env
 from tests.tiny import TINY
 
@@ -109,7 +110,8 @@ def two_rank(tmp_path_factory, data48):
     """One 2-rank launch: every backend in fp32 (reference state saved, EMA checked), bf16 EMA checks."""
     tmp = tmp_path_factory.mktemp("two_rank")
     jobs = [{"name": n, "overrides": overrides(tmp / n, data48, n), "ref": True, "ema": 0.75} for n in BACKENDS]
-    jobs += [{"name": n, "overrides": overrides(tmp / n, data48, n), "ema": 0.75} for n in BF16]
+    jobs += [{"name": n, "overrides": overrides(tmp / n, data48, n), "ema": 0.75} for n in BF16
+             if not (n.startswith("zero") and cap.ds_cpu_problem("bf16"))]  # ZeRO bf16 where DeepSpeed has it
     return tmp, run_jobs(tmp, 2, jobs)
 
 
@@ -126,6 +128,8 @@ def test_every_backend_reproduces_the_ddp_loss_curve_in_fp32(two_rank):
 
 @pytest.mark.parametrize("name", [n for n in {**BACKENDS, **BF16} if n != "ddp"])
 def test_sharded_ema_is_bitwise_the_ema_of_gathered_fp32_weights_at_2_ranks(two_rank, name):
+    if name.startswith("zero") and name.endswith("bf16"):
+        cap.require_ds_cpu("bf16")
     _, rep = two_rank
     e = rep[name]["ema"]
     assert e["dtypes"] == ["torch.float32"]

@@ -21,6 +21,7 @@ import torch
 
 from sere_scale.metrics import read_metrics
 from tests.test_engines import CURVE_KEYS, overrides, run_jobs
+import tests.capability as cap
 from tests.conftest import digits_subset
 
 # warmup 0: the student moves from step 1 on. Scale 32 never overflows naturally here (128 can); window 3.
@@ -36,14 +37,13 @@ def data48(tmp_path_factory, digits_root):
     return digits_subset(digits_root, tmp_path_factory.mktemp("data48"), 3, 16)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data48):
-    tmp = tmp_path_factory.mktemp("fp16")
+def fp16_jobs(tmp, data48, engines=ENGINES, compiled=True) -> list:
+    """The jobs of the one 2-rank launch, for the engines (and compile) this machine supports."""
     skip32 = ["optim.warmup_epochs=0", "train.nonfinite=skip"]
     # fp32 reference: the same step skipped (its loss made NaN), gradients of step 1 saved
     jobs = [{"name": "ref32", "overrides": overrides(tmp / "ref32", data48, "ddp", *skip32), "nan_at": INF_AT,
              "grads_at": 1}]
-    for n in ENGINES:
+    for n in engines:
         jobs.append({"name": n, "overrides": overrides(tmp / n, data48, n, *FP16), "inf_grad_at": INF_AT,
                      "snap_calls": [1, 3, 5], "ema": 0.75, **({} if n == "zero2" else {"grads_at": 1})})
         jobs.append({"name": f"{n}_resumed", "overrides": overrides(tmp / f"{n}_resumed", data48, n, *FP16),
@@ -52,12 +52,31 @@ def runs(tmp_path_factory, data48):
     jobs.append({"name": "fsdp_shard_inf", "overrides": overrides(tmp / "fsdp_shard_inf", data48, "fsdp", *FP16,
                                                                   "train.max_steps=3"),
                  "shard_inf_at": {"step": SKIPPED, "rank": 1}})
-    # engine.compile under FSDP with activation checkpointing (inductor), fp32: the reference's curve
-    jobs.append({"name": "fsdp_compiled", "overrides": overrides(tmp / "fsdp_compiled", data48, "fsdp", *skip32,
-                                                                 "engine.compile=true",
-                                                                 "model.checkpoint_activations=true"),
-                 "nan_at": INF_AT})
-    return tmp, run_jobs(tmp, 2, jobs)
+    if compiled:  # engine.compile under FSDP with activation checkpointing (inductor), fp32: the reference's curve
+        jobs.append({"name": "fsdp_compiled", "overrides": overrides(tmp / "fsdp_compiled", data48, "fsdp",
+                                                                     *skip32, "engine.compile=true",
+                                                                     "model.checkpoint_activations=true"),
+                     "nan_at": INF_AT})
+    return jobs
+
+
+def supported_engines() -> tuple:
+    """ZeRO's fp16 needs DeepSpeed's accelerator to support fp16; DDP/FSDP use torch's CPU autocast (any CPU)."""
+    return tuple(n for n in ENGINES if not (n.startswith("zero") and cap.ds_cpu_problem("fp16")))
+
+
+def needs(name: str) -> None:
+    """Skip a case of an engine (or the compiled job) the launch left out on this machine, with the reason."""
+    if name.startswith("zero"):
+        cap.require_ds_cpu("fp16")
+    if name == "fsdp_compiled":
+        cap.require_inductor()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data48):
+    tmp = tmp_path_factory.mktemp("fp16")
+    return tmp, run_jobs(tmp, 2, fp16_jobs(tmp, data48, supported_engines(), cap.inductor_problem() is None))
 
 
 def expected_scales(skipped: set, steps: int, deepspeed: bool = False) -> list:
@@ -106,7 +125,8 @@ def test_backward_sees_the_scaled_loss_and_the_optimizer_the_unscaled_gradient(r
 
 
 @pytest.mark.parametrize("name", ENGINES)
-def test_an_inf_gradient_on_one_rank_skips_the_step_everywhere_and_halves_the_scale(runs, name):
+def test_an_inf_gradient_on_one_rank_skips_the_step_everywhere_and_halves_the_scale(name, runs):
+    needs(name)
     tmp, _ = runs
     # state at the start of step 2 (forward call 3) and of step 3 (call 5): nothing moved
     snaps = torch.load(tmp / name / "snaps.pt", weights_only=False)
@@ -138,7 +158,8 @@ def test_fsdp_skips_on_every_rank_when_one_ranks_gradient_shard_holds_an_inf(run
 
 
 @pytest.mark.parametrize("name", ENGINES)
-def test_the_loss_scale_is_checkpointed_and_resume_is_exact(runs, name):
+def test_the_loss_scale_is_checkpointed_and_resume_is_exact(name, runs):
+    needs(name)
     tmp, rep = runs
     a, b = read_metrics(tmp / name), read_metrics(tmp / f"{name}_resumed")
     assert rep[f"{name}_resumed"]["step"] == 6 and [r["step"] for r in b] == list(range(1, 7))
@@ -151,7 +172,8 @@ def test_the_loss_scale_is_checkpointed_and_resume_is_exact(runs, name):
 
 
 @pytest.mark.parametrize("name", ENGINES)
-def test_the_fp16_loss_curve_stays_close_to_fp32(runs, name):
+def test_the_fp16_loss_curve_stays_close_to_fp32(name, runs):
+    needs(name)
     tmp, _ = runs
     ref = {r["step"]: r for r in read_metrics(tmp / "ref32") if not r.get("skipped")}  # skipped: logged, flagged
     assert sorted(ref) == [1, 3, 4, 5, 6] and ref[6]["n_skipped"] == 1  # fp32 skipped the same step
@@ -164,7 +186,8 @@ def test_the_fp16_loss_curve_stays_close_to_fp32(runs, name):
 
 
 @pytest.mark.parametrize("name", ["fsdp", "zero2"])
-def test_the_ema_runs_in_fp32_on_the_master_weights_under_fp16(runs, name):
+def test_the_ema_runs_in_fp32_on_the_master_weights_under_fp16(name, runs):
+    needs(name)
     _, rep = runs
     e = rep[name]["ema"]
     assert e["dtypes"] == ["torch.float32"] and e["bitwise_equal"] and e["same_on_all_ranks"], e
@@ -174,6 +197,7 @@ def test_the_ema_runs_in_fp32_on_the_master_weights_under_fp16(runs, name):
 
 
 def test_compiled_fsdp_with_activation_checkpointing_reproduces_the_eager_curve(runs):
+    needs("fsdp_compiled")
     tmp, rep = runs
     a, b = read_metrics(tmp / "ref32"), read_metrics(tmp / "fsdp_compiled")
     assert rep["fsdp_compiled"]["step"] == 6 and [r["step"] for r in b] == [r["step"] for r in a]
@@ -220,3 +244,35 @@ def test_loss_scale_settings_are_validated():
     from sere_scale.engine.deepspeed import deepspeed_config
     ds = deepspeed_config(cfg, 1, "fp16")["fp16"]
     assert ds["initial_scale_power"] == 10 and ds["loss_scale_window"] == 7 and ds["hysteresis"] == 1
+
+
+@pytest.mark.parametrize("has_fp16", [False, True])
+def test_the_fp16_gate_follows_the_accelerator_and_leaves_ddp_and_fsdp_in(monkeypatch, tmp_path, has_fp16):
+    """The capability reported absent (or present) by DeepSpeed's CPU accelerator: the probe gives the reason
+    (or none), the launch keeps DDP/FSDP and drops only ZeRO, and the DeepSpeed engine refuses with a config
+    error naming the key before any process group or DeepSpeed engine is made."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from sere_scale.capabilities import deepspeed_precision_problem
+    from sere_scale.config import ConfigError
+    from sere_scale.distributed import DistInfo
+    from sere_scale.engine.deepspeed import DeepSpeedEngine
+    from tests.tiny import tiny_config
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: has_fp16)
+    reason = deepspeed_precision_problem("fp16", "cpu")
+    assert deepspeed_precision_problem("fp32", "cpu") is None
+    if has_fp16:
+        assert reason is None
+        return
+    assert "fp16" in reason and "_is_mkldnn_fp16_supported" in reason
+    monkeypatch.setattr(cap, "ds_cpu_problem", lambda precision: reason)
+    names = [j["name"] for j in fp16_jobs(tmp_path, tmp_path, supported_engines(), compiled=False)]
+    assert names == ["ref32", "ddp", "ddp_resumed", "fsdp", "fsdp_resumed", "fsdp_shard_inf"]
+    with pytest.raises(pytest.skip.Exception, match="fp16 in DeepSpeed's CPU accelerator.*mkldnn"):
+        needs("zero2")
+    needs("ddp")  # not skipped
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import deepspeed.accelerator.real_accelerator as ra
+    monkeypatch.setattr(ra, "ds_accelerator", CPU_Accelerator())
+    cfg = tiny_config(tmp_path, tmp_path, "engine.backend=deepspeed", "train.precision=fp16")
+    with pytest.raises(ConfigError, match="train.precision.*does not support fp16"):
+        DeepSpeedEngine(cfg, None, None, None, DistInfo())

@@ -261,3 +261,26 @@ def test_shard_specs_agree(shards, tmp_path):
         resolve_shards(f"pipe:cat {pattern}")
     with pytest.raises(ShardSpecError, match="split 'val'"):
         resolve_shards(str(out) + "#val")
+
+
+def test_persistent_workers_serve_every_epoch_and_resume_as_fresh_workers_do(shards):
+    """One set of workers for all epochs (data/workers.py) gives the batches a fresh set per epoch gives, also after
+    an epoch left half-read, and at a resume position."""
+    out, ref = shards
+    ld = ShardLoader(str(out), MeanColour(), 3, 1, 2, seed=4, num_workers=2, shuffle_buffer=4)
+    got, pids = {}, set()
+    try:
+        for e, start in ((0, 0), (1, 0), (0, 2), (2, 1)):
+            half = ld.epoch_iter(e + 5)
+            next(half)  # an epoch abandoned after one batch
+            got[(e, start)] = run_epoch(ld, e, start)
+            pids.update(ld.workers.pids)
+        assert len(pids) == 2 and 0 not in pids
+    finally:
+        ld.close()
+    for (e, start), batches in got.items():
+        fresh = ShardLoader(str(out), MeanColour(), 3, 1, 2, seed=4, num_workers=2, shuffle_buffer=4)
+        want = run_epoch(fresh, e, start)
+        fresh.close()
+        assert ids(batches) == ids(want) and len(want) == ld.batches_per_epoch - start, (e, start)
+        check_identity(batches, ref)

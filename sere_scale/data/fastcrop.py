@@ -138,7 +138,7 @@ class FastMultiCrop(MultiCrop):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.photometric:  # build the hue tables now (~0.1 s) so forked loader workers inherit them
+        if self.photometric:  # build the hue tables now (~0.1 s); forkserver workers build their own once
             lo, hi = self.recipe.jitter_ranges()[3]
             for k in range(hue_steps(lo), hue_steps(hi) + 1):
                 hue_lut(k)

@@ -30,14 +30,15 @@ import random
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .corrupt import Corrupt, NoReadableSample, fill_corrupt
 from .shardlist import ShardSet, is_local, resolve_shards
-from .shardplan import batches_per_epoch, consumed_batches, stream_batches, stream_order, stream_pieces
+from .shardplan import batches_per_epoch, stream_batches, stream_order, stream_pieces
 from .shardread import iter_piece
 from .transform import collate_ssl, seed_sample
-from .worker_signals import job_signals_held, worker_init
+from .worker_signals import job_signals_held
+from .workers import DEFAULT_TIMEOUT_S, Workers
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -55,28 +56,49 @@ def _lazy_ok(transform) -> bool:
     return bool(getattr(getattr(transform, "multicrop", transform), "lazy_decode", False))
 
 
-class _EpochStreams(IterableDataset):
-    """One epoch of one rank, from ``start_batch`` on; each DataLoader worker runs one reader stream."""
+class _StreamTasks(Sampler):
+    """The rank's batches ``start_batch .. batches_per_epoch-1`` of the loader's current epoch as tasks
+    ``(epoch, stream, batch of the stream)``: batch ``k`` is batch ``k // S`` of stream ``k % S``."""
 
-    def __init__(self, loader: ShardLoader, epoch: int, start_batch: int):
-        self.ld, self.epoch, self.start_batch = loader, epoch, start_batch
+    def __init__(self, loader: ShardLoader):
+        self.ld = loader
 
     def __iter__(self):
-        ld = self.ld
-        wi = get_worker_info()
-        S = ld.streams
-        phys = wi.id if wi is not None else 0
-        # the rank's next batch (start_batch) must come from worker 0, which the DataLoader asks first
-        s = (phys + self.start_batch) % S
-        if wi is None and S != 1:
-            raise RuntimeError("ShardLoader with workers must run inside a DataLoader")
-        yield from ld.stream_batches_iter(self.epoch, s, consumed_batches(self.start_batch, S, s))
+        epoch, start = self.ld._next
+        S = self.ld.streams
+        return ((epoch, k % S, k // S) for k in range(start, self.ld.batches_per_epoch))
+
+    def __len__(self) -> int:
+        return self.ld.batches_per_epoch - self.ld._next[1]
+
+
+class _StreamBatches(Dataset):
+    """Task ``(epoch, s, c)``: batch ``c`` of reader stream ``s`` in ``epoch``. A worker keeps its streams' readers
+    open and continues one while its tasks follow on; any other task (another epoch, a resume) opens a reader
+    at that batch. The DataLoader deals tasks to its workers in turn from worker 0 on each epoch, so with
+    ``S = num_workers`` streams each worker reads one stream per epoch, sequentially, as a dedicated reader."""
+
+    def __init__(self, loader: ShardLoader):
+        self.ld, self._readers = loader, {}
+
+    def __len__(self) -> int:
+        return self.ld.batches_per_epoch
+
+    def __getitem__(self, task):
+        epoch, s, c = task
+        reader = self._readers.get((epoch, s))
+        if reader is None or reader[0] != c:
+            self._readers = {k: v for k, v in self._readers.items() if k[0] == epoch and k != (epoch, s)}
+            reader = self._readers[(epoch, s)] = [c, self.ld.stream_batches_iter(epoch, s, c)]
+        reader[0] += 1
+        return next(reader[1])
 
 
 class ShardLoader:
     def __init__(self, shards, transform, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, *, resampled: bool = False, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 split: str | None = None, prefetch_factor: int = 2):
+                 split: str | None = None, prefetch_factor: int = 2,
+                 worker_timeout_s: float = DEFAULT_TIMEOUT_S):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
         self.shardset: ShardSet = resolve_shards(shards, split)
@@ -98,8 +120,10 @@ class ShardLoader:
                 f"--shard-size (sere-prep), or resampled=True")
         self.encoded = takes_bytes(transform)
         self._lazy = _lazy_ok(transform)
-        self._position = (0, 0)
+        self._position = self._next = (0, 0)
         self._warned = 0
+        self.workers = Workers(num_workers, worker_timeout_s, f"shards '{shards}' (rank {rank})")
+        self._dl = None
 
     # ---- interface used by the training loop ---------------------------------------------------------------
     @property
@@ -110,16 +134,27 @@ class ShardLoader:
         """Batches ``start_batch .. batches_per_epoch-1`` of ``epoch`` for this rank."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch}]")
-        ds = _EpochStreams(self, epoch, start_batch)
         if self.num_workers == 0:
-            it = iter(ds)
-        else:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            with job_signals_held():  # workers are born deaf to the job's signals
-                it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, generator=g,
-                                     prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                                     multiprocessing_context="fork", worker_init_fn=worker_init))
-        return self._tracked(it, epoch, start_batch)
+            return self._tracked(self.stream_batches_iter(epoch, 0, start_batch), epoch, start_batch)
+        self._next = (epoch, start_batch)
+        if self._dl is None:  # one DataLoader for the run: its workers start once and serve every epoch
+            g = torch.Generator().manual_seed(self.seed)  # keeps the global RNG untouched
+            self._dl = DataLoader(_StreamBatches(self), batch_size=None, sampler=_StreamTasks(self), generator=g,
+                                  prefetch_factor=self.prefetch_factor, **self.workers.kwargs())
+        with job_signals_held():  # workers (and the forkserver, on first use) are born deaf to the job's signals
+            it = iter(self._dl)
+        return self._tracked(self.workers.guard(it, self._where), epoch, start_batch)
+
+    def close(self) -> None:
+        """Stop the workers now (else they stop when the loader is garbage-collected or the process exits)."""
+        self._dl = None
+
+    def _where(self) -> str:
+        epoch, batch = self._position
+        return f"batch {batch} of epoch {epoch}"
+
+    def __getstate__(self) -> dict:  # what a worker gets: no DataLoader, no worker bookkeeping
+        return {k: v for k, v in self.__dict__.items() if k not in ("_dl", "workers")}
 
     def _tracked(self, it, epoch: int, start_batch: int):
         self._position = (epoch, start_batch)

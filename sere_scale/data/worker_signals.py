@@ -43,9 +43,11 @@ def job_signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def ignore_job_signals() -> None:
-    """Ignore SIGUSR1 and SIGINT in this process, and SIGTERM unless the parent process sends it (call first
-    thing in a loader worker, from its main thread)."""
+def ignore_job_signals(parent: int | None = None) -> None:
+    """Ignore SIGUSR1 and SIGINT in this process, and SIGTERM unless ``parent`` sends it (call first thing in a
+    loader worker, from its main thread). ``parent``: the training process that owns the worker (default: the
+    parent process; a forkserver worker's parent is the forkserver, but ``Process.terminate`` comes from the
+    training process, so ``data/workers.py`` passes the trainer's pid)."""
     for sig in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGINT})
@@ -54,9 +56,11 @@ def ignore_job_signals() -> None:
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # first: threads started from here on inherit it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherited the training process's handler
-    threading.Thread(target=_sigterm_from_parent_only, args=(os.getppid(),), name="sere-sigterm", daemon=True).start()
+    threading.Thread(target=_sigterm_from_parent_only, args=(parent or os.getppid(),), name="sere-sigterm",
+                     daemon=True).start()
 
 
-def worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` for every DataLoader of the project (training, shards, evaluation)."""
-    ignore_job_signals()
+def worker_init(worker_id: int, parent: int | None = None) -> None:
+    """``worker_init_fn`` for every DataLoader of the project (training, shards, evaluation); ``parent``: the
+    training process's pid (default: the parent process)."""
+    ignore_job_signals(parent)

@@ -163,6 +163,12 @@ class DeepSpeedEngine(Engine):
         super().__init__(cfg, student, teacher, method, info)
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from ..capabilities import deepspeed_precision_problem
+        problem = deepspeed_precision_problem(self.precision)
+        if problem:  # instead of DeepSpeed's "Type fp16 is not supported on your device." from every rank
+            from ..config import ConfigError
+            raise ConfigError(f"config key 'train.precision': {problem}; use another train.precision, or "
+                              f"engine.backend=ddp/fsdp (torch autocast)")
         # what torchrun would have set, when the ranks came from srun or from nothing (one process): DeepSpeed
         # asserts LOCAL_RANK
         for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),

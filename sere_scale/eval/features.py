@@ -16,7 +16,8 @@ from torchvision import transforms as T
 
 from ..data.evaldata import LabelledFolder, LabelledShards, labelled_dataset
 from ..data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from ..data.worker_signals import job_signals_held, worker_init
+from ..data.worker_signals import job_signals_held
+from ..data.workers import DEFAULT_TIMEOUT_S, Workers
 
 log = logging.getLogger(__name__)
 __all__ = ["eval_transform", "extract_features", "LabelledFolder", "LabelledShards"]
@@ -44,13 +45,14 @@ def extract_features(backbone, root, size: int, batch_size: int = 64, device="cp
     the split read from an ``_info.json`` spec without ``#SPLIT``. Unreadable samples are skipped, logged and
     counted; ``stats`` (a dict), if given, receives ``n`` (features) and ``n_corrupt``."""
     ds = labelled_dataset(root, eval_transform(size), split)
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate, num_workers=num_workers,
-                    multiprocessing_context="fork" if num_workers else None, worker_init_fn=worker_init)
+    # one pass: workers (forkserver, job signals ignored, batch timeout; data/workers.py) end with it
+    workers = Workers(num_workers, DEFAULT_TIMEOUT_S, f"evaluation data '{root}'")
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate, **workers.kwargs(persistent=False))
     feats, labels, index, n_corrupt = [], [], [], 0
     backbone = backbone.to(device).eval()
-    with job_signals_held():  # workers are born deaf to the job's signals
+    with job_signals_held():  # workers (and the forkserver, on first use) are born deaf to the job's signals
         batches = iter(dl)
-    for x, y, i, bad in batches:
+    for x, y, i, bad in workers.guard(batches):
         n_corrupt += bad
         if x is None:
             continue
