@@ -60,11 +60,23 @@ def test_workers_start_once_and_serve_every_epoch_and_resume_exactly(data20, tmp
         next(part)
         assert same(batches(ld.epoch_iter(2, 1)), epochs[2][1:])
         assert same(batches(ld.epoch_iter(2, 1)), batches(ref.epoch_iter(2, 1)))
-        for pid in seen_pids:  # the job's signals are ignored in the workers
+        for pid in seen_pids:  # the job's signals never reach the workers (worker_signals.py)
             with open(f"/proc/{pid}/status") as f:
-                ign = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
-            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-                assert ign & (1 << (sig - 1)), (pid, sig)
+                st = {k: int(v.split()[0], 16) for k, v in (ln.split(":", 1) for ln in f) if k in ("SigIgn", "SigBlk")}
+            for sig in (signal.SIGUSR1, signal.SIGINT):  # ignored
+                assert st["SigIgn"] & (1 << (sig - 1)), (pid, sig)
+            # SIGTERM blocked in the worker's main thread (a thread takes it with sigwaitinfo, and obeys only the
+            # training process's own, the one multiprocessing sends at exit)
+            assert st["SigBlk"] & (1 << (signal.SIGTERM - 1)), pid
+            # and their parent, the forkserver, is deaf to them too: a job-wide SIGTERM killing it mid-fork would
+            # take every worker (and so the run) down before the preemption checkpoint
+            with open(f"/proc/{pid}/status") as f:
+                ppid = int(next(ln for ln in f if ln.startswith("PPid:")).split()[1])
+            assert ppid != os.getpid()
+            with open(f"/proc/{ppid}/status") as f:
+                blk = int(next(ln for ln in f if ln.startswith("SigBlk:")).split()[1], 16)
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                assert blk & (1 << (sig - 1)), ("forkserver", ppid, sig)
         assert set(ld.workers.pids) == seen_pids
     finally:
         ld.close()

@@ -29,7 +29,7 @@ import time
 from functools import partial
 from typing import Callable, Iterator, Optional
 
-from .worker_signals import worker_init
+from .worker_signals import job_signals_held, worker_init
 
 DEFAULT_TIMEOUT_S = 600.0  # forkserver/spawn workers need seconds to start; one slow batch must not kill a run
 PID_DIR_ENV = "SERE_WORKER_PID_DIR"
@@ -48,7 +48,21 @@ def mp_context():
     ctx = multiprocessing.get_context(start_method())
     if start_method() == "forkserver":
         ctx.set_forkserver_preload(_PRELOAD)  # takes effect when this process starts its forkserver
+        start_forkserver()
     return ctx
+
+
+def start_forkserver() -> None:
+    """Start this process's forkserver now, deaf to the job's signals (SIGTERM/SIGUSR1 blocked, SIGINT ignored),
+    so a job-wide SIGTERM (``killpg``, Slurm) cannot kill it while it forks workers: its workers would die with it
+    (``_die_with_parent``) and the training process with them, before its preemption checkpoint. The resource
+    tracker is started first, outside the hold: its start unblocks SIGINT/SIGTERM in the calling thread
+    (CPython's ``resource_tracker.ensure_running``), which would undo the hold for the forkserver started after
+    it. Both are no-ops once running."""
+    from multiprocessing import forkserver, resource_tracker
+    resource_tracker.ensure_running()
+    with job_signals_held():
+        forkserver.ensure_running()
 
 
 def _die_with_parent() -> None:
