@@ -130,7 +130,7 @@ TRAINER = """import sys, time
 from sere_scale.data.loader import FolderLoader
 from sere_scale.data.transform import SSLTransform
 from tests.tiny import tiny_config
-if __name__ == "__main__":  # the forkserver imports the main module: a script must be guarded, as for spawn
+if __name__ == "__main__":
     root = sys.argv[1]
     ld = FolderLoader(root, SSLTransform.from_config(tiny_config(root, root)), 4, 0, 1, 0, 2)
     it = ld.epoch_iter(0)
