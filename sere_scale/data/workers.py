@@ -33,9 +33,8 @@ from .worker_signals import job_signals_held, worker_init
 
 DEFAULT_TIMEOUT_S = 600.0  # forkserver/spawn workers need seconds to start; one slow batch must not kill a run
 PID_DIR_ENV = "SERE_WORKER_PID_DIR"
-# Not "__main__": the forkserver would run the main script again (a training script without a __main__ guard,
-# e.g. tests/dist/cli_rc.py, re-ran the whole training inside the forkserver, which then died); loader datasets
-# and transforms live in the package, so workers never need the main module.
+# Not "__main__": loader datasets and transforms live in the package. (Each worker still imports the main script
+# as __mp_main__ when it starts, as with spawn: a training script must guard its work with __main__.)
 _PRELOAD = ["torch", "sere_scale.data.loader", "sere_scale.data.shards", "sere_scale.data.evaldata"]
 
 
