@@ -65,9 +65,10 @@ class Launch:
             self._f.close()
 
 
-def _workers_up(agent: int) -> bool:
-    ranks = torchrun_ranks(agent)
-    return len(ranks) == 2 and all(len(descendants(pid)) >= 3 for pid in ranks.values())  # rank + 2 workers
+def _workers_up(agent: int, pid_dir: Path) -> bool:
+    """Both ranks and their 4 loader workers have started (each worker touches a file in ``pid_dir``,
+    data/workers.py; a process count would also see each rank's forkserver and resource tracker)."""
+    return len(torchrun_ranks(agent)) == 2 and len(os.listdir(pid_dir)) >= 4
 
 
 def _sigterm(tmp: Path, data, name: str, everyone: bool, first_step: bool = False) -> dict:
@@ -76,9 +77,13 @@ def _sigterm(tmp: Path, data, name: str, everyone: bool, first_step: bool = Fals
     run, rc_log = tmp / name, tmp / f"{name}.rc"
     e = env()
     e["RC_LOG"] = str(rc_log)
+    pid_dir = tmp / f"{name}.workers"
+    pid_dir.mkdir()
+    e["SERE_WORKER_PID_DIR"] = str(pid_dir)
     job = Launch(torchrun(2, CLI_RC, "train", *overrides(run, data, "ddp", *RUN)), tmp / f"{name}.log", e)
-    _wait(lambda: (first_step or read_metrics(run)) and _workers_up(job.p.pid), job.p, job.log, 300, "workers")
-    tree = descendants(job.p.pid)  # agent, 2 ranks, 4 loader workers
+    _wait(lambda: (first_step or read_metrics(run)) and _workers_up(job.p.pid, pid_dir), job.p, job.log, 300,
+          "workers")
+    tree = descendants(job.p.pid)  # agent, 2 ranks, their forkservers and resource trackers, 4 loader workers
     signal_all(tree if everyone else [job.p.pid], signal.SIGTERM)
     rc = job.finish(300)
     return {"run": run, "rc": rc, "rank_rc": sorted(rc_log.read_text().split("\n")[:-1]) if rc_log.exists() else [],
