@@ -97,17 +97,12 @@ def worker(args) -> None:
     sys.path.insert(0, str(ROOT))
     from sere_scale.config import load_config
     from sere_scale.distributed import init_distributed
-    from sere_scale.engine import build_engine
-    from sere_scale.method import SEREMethod
-    from sere_scale.models.network import build_student_teacher
+    from sere_scale.startup import build_parts
 
     info = init_distributed()
     cfg = load_config(args.config, [*BACKENDS[args.backend], f"train.precision={args.precision}",
                                     "data.batch_size=1", "model.drop_path=0", *args.overrides])
-    torch.manual_seed(0)
-    student, teacher = build_student_teacher(cfg)
-    method = SEREMethod(cfg, student.backbone.num_heads)
-    eng = build_engine(cfg, student, teacher, method, info)
+    _, eng = build_parts(cfg, info)
     # a tiny synthetic multi-crop batch: 2 globals and 2 locals of 32 px, one image each, per rank
     g = torch.randn(2, 3, 32, 32, device=eng.device)
     loc = torch.randn(2, 3, 32, 32, device=eng.device) if cfg.data.n_local > 0 else None

@@ -7,7 +7,8 @@ the real method (losses), engine (backward, clipped step, EMA) and precision, no
     # CPU smoke run of the script itself (tiny model, 2 ranks, fp32)
     python benchmarks/engine_step.py --device cpu --nproc 2 --tiny --steps 3 --warmup 1
 
-Per backend one ``torchrun`` launch; each rank times ``--steps`` optimizer steps after ``--warmup`` (median
+Per backend one ``torchrun`` launch; each rank times ``--steps`` optimizer steps (``step.train_step``, the step
+that trains) after ``--warmup`` (median
 and mean ms/step, global images/s) and reports its peak memory (CUDA: ``max_memory_allocated``; CPU: max RSS).
 Prints a markdown table with the device name and the command.
 """
@@ -35,45 +36,25 @@ TINY = ["model.arch=vit_tiny_cpu", "model.depth=2", "data.global_size=32", "data
         "sere.spatial_size_global=3", "sere.spatial_size_local=2", "train.precision=fp32"]
 
 
-def synthetic_batch(cfg, device, gen):
-    """Random crops; every view covers the whole image (full overlap); iBOT masks on ~30% of patches."""
-    import torch
-    d, B = cfg.data, cfg.data.batch_size
-    V = d.n_global + d.n_local
-    crops = [torch.randn(B, 3, d.global_size, d.global_size, generator=gen) for _ in range(d.n_global)]
-    crops += [torch.randn(B, 3, d.local_size, d.local_size, generator=gen) for _ in range(d.n_local)]
-    from sere_scale.models.backbone import patch_size_of
-    h = d.global_size // patch_size_of(cfg.model)
-    return {"crops": [c.to(device) for c in crops],
-            "boxes": torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(B, V, 1).to(device),
-            "flips": torch.zeros(B, V, dtype=torch.bool, device=device),
-            "masks": (torch.rand(B, d.n_global, h, h, generator=gen) < 0.3).to(device),
-            "labels": torch.zeros(B, dtype=torch.long, device=device), "n_corrupt": 0}
-
-
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
     from sere_scale.config import load_config
+    from sere_scale.data.synthetic import SyntheticLoader
     from sere_scale.distributed import init_distributed
-    from sere_scale.engine import build_engine
-    from sere_scale.method import SEREMethod
-    from sere_scale.models.network import build_student_teacher
+    from sere_scale.models.backbone import patch_size_of
     from sere_scale.schedules import build_schedules
+    from sere_scale.startup import build_parts
+    from sere_scale.step import Batches, train_step
 
     info = init_distributed(device=args.device)
     extra = TINY if args.tiny else []
     cfg = load_config(args.config, [*extra, *BACKENDS[args.backend], *args.overrides])
-    torch.manual_seed(0)
-    student, teacher = build_student_teacher(cfg)
-    method = SEREMethod(cfg, student.backbone.num_heads)
-    eng = build_engine(cfg, student, teacher, method, info)
+    method, eng = build_parts(cfg, info)  # the trainer's set-up
     sched = build_schedules(cfg, 1000, info.world_size)
-    gen = torch.Generator().manual_seed(info.rank)
-    batches = [synthetic_batch(cfg, eng.device, gen) for _ in range(2)]
-    accum = cfg.train.grad_accum
+    batches = Batches(SyntheticLoader(cfg, patch_size_of(cfg.model)), {"epoch": 0, "batch": 0}, eng.device)
     cuda = eng.device.type == "cuda"
     times = []
     if cuda:
@@ -82,15 +63,9 @@ def worker(args) -> None:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        s = sched.at(5000 + i)  # past warm-up and the frozen last layer
-        for k in range(accum):
-            with eng.no_sync(k < accum - 1):
-                with eng.autocast():
-                    out = method(eng.student, eng.teacher, batches[(i + k) % 2], s)
-                eng.backward(out["loss"] / accum)
-        eng.step(s["lr"], s["wd"], False)
-        eng.ema_update(s["momentum"])
-        method.after_step()
+        # the trainer's step, past warm-up and the frozen last layer
+        train_step(eng, method, batches, sched.at(5000 + i), cfg.train.grad_accum, info.world_size,
+                   freeze_last_layer=False)
         if cuda:
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -111,7 +86,7 @@ def worker(args) -> None:
     else:
         every = [rec]
     if info.is_main:
-        gb = cfg.data.batch_size * accum * info.world_size
+        gb = cfg.data.batch_size * cfg.train.grad_accum * info.world_size
         Path(args.worker_out).write_text(json.dumps({"ranks": every, "global_batch": gb}))
     if dist.is_initialized():
         dist.destroy_process_group()

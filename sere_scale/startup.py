@@ -47,6 +47,35 @@ def validate_built(cfg: Config, student) -> None:
     validate_model(cfg, bb.embed_dim, bb.num_heads, patch_size_of(cfg.model))
 
 
+def seed_everything(seed: int, rank: int) -> None:
+    """Each rank's own random stream (drop-path, masks drawn on the device, ...)."""
+    import random
+
+    import numpy as np
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def build_model(cfg: Config, method_cls=None):
+    """Student, teacher (same seed on every rank: identical initial weights) and the method
+    (``method_cls(cfg, num_heads)``, ``SEREMethod`` by default); the config checked against the built model."""
+    from .method import SEREMethod
+    from .models.network import build_student_teacher
+    torch.manual_seed(cfg.train.seed)
+    student, teacher = build_student_teacher(cfg)
+    validate_built(cfg, student)
+    return student, teacher, (method_cls or SEREMethod)(cfg, student.backbone.num_heads)
+
+
+def build_parts(cfg: Config, info: DistInfo, method_cls=None, engine_factory=None):
+    """``build_model``, each rank's seed, then the engine: (method, engine), for the profiler and benchmarks."""
+    from .engine import build_engine
+    student, teacher, method = build_model(cfg, method_cls)
+    seed_everything(cfg.train.seed, info.rank)
+    return method, (engine_factory or build_engine)(cfg, student, teacher, method, info)
+
+
 def build_loader(cfg: Config, info: DistInfo, build):
     """``build(cfg, rank, world)``, with data problems (empty folder, fewer images than one global batch,
     missing shards) reported as config errors naming the data key."""

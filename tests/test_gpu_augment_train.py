@@ -14,7 +14,7 @@ from sere_scale.data.loader import build_train_loader
 from sere_scale.data.shards import ShardLoader
 from sere_scale.metrics import read_metrics
 from sere_scale.train import train
-from tests.test_train import _crash_after
+from tests.test_train import crashing
 from tests.tiny import tiny_config
 
 
@@ -74,10 +74,8 @@ def test_training_with_gpu_augment_resumes_exactly(tmp_path, jpeg_data, monkeypa
     assert ref["step"] == 5 and [c[:2] for c in calls] == [(0, i) for i in range(5)]
     assert calls[-1][2] >= 19 and calls[-1][3] <= 1  # JPEGs on the batched decoder; the PNG (if drawn) via PIL
     run = tmp_path / "crash"
-    with monkeypatch.context() as m:
-        _crash_after(m, 4)  # dies in step 5; checkpoint at step 3 (tiny: every 3 steps)
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_config(run, jpeg_data, *extra))
+    with pytest.raises(KeyboardInterrupt):  # dies in step 5; checkpoint at step 3 (tiny: every 3 steps)
+        train(tiny_config(run, jpeg_data, *extra), method_cls=crashing(4))
     train(tiny_config(run, jpeg_data, *extra), resume=True)
     a, b = read_metrics(tmp_path / "ref"), read_metrics(run)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # steps 4 and 5 from the resumed run
@@ -127,8 +125,7 @@ def jpeg_shards(tmp_path_factory, jpeg_data):
     return root / "shards.txt"
 
 
-def test_training_from_shards_with_gpu_augment_counts_corrupt_and_resumes_exactly(tmp_path, jpeg_shards,
-                                                                                 monkeypatch):
+def test_training_from_shards_with_gpu_augment_counts_corrupt_and_resumes_exactly(tmp_path, jpeg_shards):
     extra = ["data.path=", f"data.shards={jpeg_shards}", "train.max_steps=7", "data.batch_size=4",
              "data.augment=gpu"]
     loader = build_train_loader(tiny_config(tmp_path / "ref", "", *extra))
@@ -141,10 +138,8 @@ def test_training_from_shards_with_gpu_augment_counts_corrupt_and_resumes_exactl
     a = read_metrics(tmp_path / "ref")
     assert a[5]["step"] == 6 and a[5]["n_corrupt"] == 3  # epoch 0 (steps 1-6) holds all 24 samples
     run = tmp_path / "crash"
-    with monkeypatch.context() as m:
-        _crash_after(m, 4)  # dies in step 5; checkpoint at step 3 (tiny: every 3 steps)
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_config(run, "", *extra))
+    with pytest.raises(KeyboardInterrupt):  # dies in step 5; checkpoint at step 3 (tiny: every 3 steps)
+        train(tiny_config(run, "", *extra), method_cls=crashing(4))
     train(tiny_config(run, "", *extra), resume=True)  # steps 4-7: the rest of epoch 0, then epoch 1
     b = read_metrics(run)
     assert [r["step"] for r in b] == list(range(1, 8)) and b[-1]["epoch"] == a[-1]["epoch"] >= 1

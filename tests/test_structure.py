@@ -63,4 +63,32 @@ def test_layering():
     graph = _imports()
     assert "models" not in graph["data"] and "engine" not in graph["data"]
     assert "models" not in graph["engine"]
-    assert "viz" not in graph["eval"] and "train" not in graph["profiling"]
+    assert "viz" not in graph["eval"] and "train" not in graph["profiling"] and "trainer" not in graph["profiling"]
+
+
+def test_small_files_and_a_loop_on_a_screen():
+    """No module of the package over ~400 lines; the loop the Trainer runs (``fit``) fits on a screen."""
+    import inspect
+
+    from sere_scale.trainer import Trainer
+    big = {str(f.relative_to(PKG)): n for f in PKG.rglob("*.py") if (n := len(f.read_text().splitlines())) > 400}
+    assert not big, big
+    assert len(inspect.getsource(Trainer.fit).splitlines()) <= 60
+
+
+def test_one_definition_of_the_step():
+    """The trainer, the profiler and the step benchmark run ``step.train_step``; no other module calls the
+    EMA update or the center update (the step's last parts) outside the engines themselves."""
+    root = PKG.parent
+    callers = []
+    for f in [*PKG.rglob("*.py"), *(root / "benchmarks").glob("*.py")]:
+        rel = str(f.relative_to(root))
+        if rel.startswith("sere_scale/engine/") or rel == "sere_scale/step.py":
+            continue
+        for n in ast.walk(ast.parse(f.read_text())):
+            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                    and n.func.attr in ("ema_update", "after_step")):
+                callers.append((rel, n.func.attr))
+    assert not callers, callers
+    for rel in ("sere_scale/trainer.py", "sere_scale/profiling/runner.py", "benchmarks/engine_step.py"):
+        assert "train_step(" in (root / rel).read_text(), rel

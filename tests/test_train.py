@@ -39,28 +39,27 @@ def test_run_directory_contents(tmp_path, small_data):
     assert find_latest(run).name == "step_00000003"
 
 
-def _crash_after(monkeypatch, n_calls):
-    orig = SEREMethod.forward
-    calls = {"n": 0}
+def crashing(n_calls):
+    """A method (injected with ``method_cls``) whose forward raises after ``n_calls`` calls: a crash mid-run."""
+    class Crashing(SEREMethod):
+        calls = 0
 
-    def forward(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > n_calls:
-            raise KeyboardInterrupt("simulated crash")
-        return orig(self, *a, **k)
-    monkeypatch.setattr(SEREMethod, "forward", forward)
+        def forward(self, *a, **k):
+            Crashing.calls += 1
+            if Crashing.calls > n_calls:
+                raise KeyboardInterrupt("simulated crash")
+            return super().forward(*a, **k)
+    return Crashing
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_resume_reproduces_the_uninterrupted_curve(tmp_path, small_data, monkeypatch, accum):
+def test_resume_reproduces_the_uninterrupted_curve(tmp_path, small_data, accum):
     extra = ["train.max_steps=7", f"train.grad_accum={accum}", "data.batch_size=4"]
     ref = train(tiny_config(tmp_path / "ref", small_data, *extra))
     assert ref["step"] == 7
     run = tmp_path / "crash"
-    with monkeypatch.context() as m:
-        _crash_after(m, 5 * accum)  # dies during step 6; last checkpoint at step 3
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_config(run, small_data, *extra))
+    with pytest.raises(KeyboardInterrupt):  # dies during step 6; last checkpoint at step 3
+        train(tiny_config(run, small_data, *extra), method_cls=crashing(5 * accum))
     assert find_latest(run).name == "step_00000003"
     assert read_metrics(run)[-1]["step"] == 5
     train(tiny_config(run, small_data, *extra), resume=True)
@@ -87,24 +86,24 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, small_data, caplog):
     assert sum("skipping unreadable image" in r.message for r in caplog.records) == 3
 
 
-def _nan_at(monkeypatch, call):
-    orig = SEREMethod.forward
-    calls = {"n": 0}
+def nan_loss_at(call):
+    """A method whose loss is NaN at the ``call``-th forward call (counted from 1)."""
+    class NaNLoss(SEREMethod):
+        calls = 0
 
-    def forward(self, *a, **k):
-        out = orig(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == call:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-    monkeypatch.setattr(SEREMethod, "forward", forward)
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            NaNLoss.calls += 1
+            if NaNLoss.calls == call:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+    return NaNLoss
 
 
-def test_nonfinite_loss_stops_with_a_good_checkpoint(tmp_path, small_data, monkeypatch):
-    _nan_at(monkeypatch, 5)
+def test_nonfinite_loss_stops_with_a_good_checkpoint(tmp_path, small_data):
     cfg = tiny_config(tmp_path / "run", small_data, "train.max_steps=8")
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 4"):
-        train(cfg)
+        train(cfg, method_cls=nan_loss_at(5))
     latest = find_latest(tmp_path / "run")
     assert latest.name == "step_00000004"
     sd = torch.load(latest / "model.pt", weights_only=False)
@@ -112,10 +111,9 @@ def test_nonfinite_loss_stops_with_a_good_checkpoint(tmp_path, small_data, monke
     assert all(torch.isfinite(v).all() for v in sd["method"].values())  # centers untouched by the NaN step
 
 
-def test_nonfinite_loss_skip_policy_counts(tmp_path, small_data, monkeypatch):
-    _nan_at(monkeypatch, 2)
+def test_nonfinite_loss_skip_policy_counts(tmp_path, small_data):
     cfg = tiny_config(tmp_path / "run", small_data, "train.max_steps=4", "train.nonfinite=skip")
-    out = train(cfg)
+    out = train(cfg, method_cls=nan_loss_at(2))
     assert out["step"] == 4
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the skipped step is logged like any other
@@ -144,7 +142,7 @@ def test_any_number_of_crops_and_sizes(tmp_path, small_data, crops):
     assert out["step"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
-def test_training_from_webdataset_shards_with_exact_resume(tmp_path, digits_root, monkeypatch):
+def test_training_from_webdataset_shards_with_exact_resume(tmp_path, digits_root):
     """sere-prep converts the digits folder; training streams the shards and resumes exactly."""
     import subprocess
     import sys
@@ -159,10 +157,8 @@ def test_training_from_webdataset_shards_with_exact_resume(tmp_path, digits_root
     ref = train(tiny_config(tmp_path / "ref", "", *extra))
     assert ref["step"] == 6
     run = tmp_path / "crash"
-    with monkeypatch.context() as m:
-        _crash_after(m, 4)
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny_config(run, "", *extra))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(run, "", *extra), method_cls=crashing(4))
     train(tiny_config(run, "", *extra), resume=True)
     a, b = read_metrics(tmp_path / "ref"), read_metrics(run)
     assert [r["step"] for r in b] == list(range(1, 7))
@@ -170,18 +166,18 @@ def test_training_from_webdataset_shards_with_exact_resume(tmp_path, digits_root
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), ra["step"]
 
 
-def _nan_input_at(monkeypatch, calls_nan):
-    """From the ``calls_nan`` forward calls on (a set of call numbers, counted from 1) the crops are NaN: the
+def nan_input_at(calls_nan):
+    """A method that gets NaN crops at the forward calls in ``calls_nan`` (call numbers, counted from 1): the
     forward itself goes non-finite, BatchNorm running statistics included."""
-    orig = SEREMethod.forward
-    calls = {"n": 0}
+    class NaNInput(SEREMethod):
+        calls = 0
 
-    def forward(self, student, teacher, batch, s):
-        calls["n"] += 1
-        if calls["n"] in calls_nan:
-            batch = {**batch, "crops": [c * float("nan") for c in batch["crops"]]}
-        return orig(self, student, teacher, batch, s)
-    monkeypatch.setattr(SEREMethod, "forward", forward)
+        def forward(self, student, teacher, batch, s):
+            NaNInput.calls += 1
+            if NaNInput.calls in calls_nan:
+                batch = {**batch, "crops": [c * float("nan") for c in batch["crops"]]}
+            return super().forward(student, teacher, batch, s)
+    return NaNInput
 
 
 def _tensors(sd, prefix=""):
@@ -197,8 +193,7 @@ def _tensors(sd, prefix=""):
 
 
 @pytest.mark.parametrize("fail_call, periodic", [(5, True), (4, False)])
-def test_nonfinite_stop_checkpoints_the_state_before_the_step(tmp_path, small_data, monkeypatch, fail_call,
-                                                              periodic):
+def test_nonfinite_stop_checkpoints_the_state_before_the_step(tmp_path, small_data, fail_call, periodic):
     """checkpoint.every_steps=2. NaN crops in step 5 (after the periodic checkpoint of step 4: it must be kept as
     written) or in step 4 (the state after step 3 is saved). Either way the checkpoint holds exactly the state of an
     uninterrupted run stopped before that step: every tensor finite, BatchNorm running stats included."""
@@ -207,10 +202,9 @@ def test_nonfinite_stop_checkpoints_the_state_before_the_step(tmp_path, small_da
     train(tiny_config(ref, small_data, f"train.max_steps={good_steps}", "checkpoint.every_steps=2"))
     ref_sd = torch.load(ref / "checkpoints" / f"step_{good_steps:08d}" / "model.pt", weights_only=False)
     run = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _nan_input_at(m, {fail_call})
-        with pytest.raises(NonFiniteLoss, match=f"non-finite loss at step {good_steps}"):
-            train(tiny_config(run, small_data, "train.max_steps=8", "checkpoint.every_steps=2"))
+    with pytest.raises(NonFiniteLoss, match=f"non-finite loss at step {good_steps}"):
+        train(tiny_config(run, small_data, "train.max_steps=8", "checkpoint.every_steps=2"),
+              method_cls=nan_input_at({fail_call}))
     latest = find_latest(run)
     assert latest.name == f"step_{good_steps:08d}"
     sd = torch.load(latest / "model.pt", weights_only=False)
@@ -229,9 +223,9 @@ def test_nonfinite_stop_checkpoints_the_state_before_the_step(tmp_path, small_da
     assert out["step"] == good_steps + 1
 
 
-def test_nonfinite_skip_on_the_last_step_still_logs_and_checkpoints(tmp_path, small_data, monkeypatch):
-    _nan_input_at(monkeypatch, {4})
-    train(tiny_config(tmp_path / "run", small_data, "train.max_steps=4", "train.nonfinite=skip"))
+def test_nonfinite_skip_on_the_last_step_still_logs_and_checkpoints(tmp_path, small_data):
+    train(tiny_config(tmp_path / "run", small_data, "train.max_steps=4", "train.nonfinite=skip"),
+          method_cls=nan_input_at({4}))
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["skipped"] and rows[-1]["n_skipped"] == 1
     latest = find_latest(tmp_path / "run")
@@ -242,12 +236,12 @@ def test_nonfinite_skip_on_the_last_step_still_logs_and_checkpoints(tmp_path, sm
         assert not v.is_floating_point() or torch.isfinite(v).all(), k
 
 
-def test_consecutive_skips_stop_the_run_with_exit_3(tmp_path, small_data, monkeypatch):
+def test_consecutive_skips_stop_the_run_with_exit_3(tmp_path, small_data):
     from sere_scale.train import EXIT_NONFINITE, main_train
-    _nan_input_at(monkeypatch, set(range(3, 100)))  # diverged from step 3 on
     cfg = tiny_config(tmp_path / "run", small_data, "train.max_steps=20", "train.nonfinite=skip",
                       "train.max_consecutive_skips=4")
-    assert main_train(cfg, resume=False) == EXIT_NONFINITE == 3
+    diverged = nan_input_at(set(range(3, 100)))  # diverged from step 3 on
+    assert main_train(cfg, resume=False, method_cls=diverged) == EXIT_NONFINITE == 3
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r.get("skipped", False) for r in rows] == [False] * 2 + [True] * 4
@@ -256,13 +250,13 @@ def test_consecutive_skips_stop_the_run_with_exit_3(tmp_path, small_data, monkey
         assert not v.is_floating_point() or torch.isfinite(v).all(), k
 
 
-def test_metrics_are_strict_json(tmp_path, small_data, monkeypatch):
+def test_metrics_are_strict_json(tmp_path, small_data):
     import json
 
     def refuse(name):
         raise ValueError(f"non-strict JSON constant {name}")
-    _nan_at(monkeypatch, 2)
-    train(tiny_config(tmp_path / "run", small_data, "train.max_steps=3", "train.nonfinite=skip"))
+    train(tiny_config(tmp_path / "run", small_data, "train.max_steps=3", "train.nonfinite=skip"),
+          method_cls=nan_loss_at(2))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     recs = [json.loads(ln, parse_constant=refuse) for ln in lines]  # every line, the start record included
     assert recs[0].get("event") == "start"

@@ -95,6 +95,9 @@ class Engine:
     possibly wrapped), ``teacher`` and ``optimizer``, and implement the abstract methods."""
 
     name = "base"
+    # False: the training step checks finiteness (and preemption) once, before the last micro-batch's backward
+    # (one host sync per step); True: before every micro-batch's backward (``step.train_step``)
+    check_every_micro_batch = False
 
     def __init__(self, cfg, student, teacher, method, info):
         self.cfg, self.info, self.method = cfg, info, method

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import logging
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -38,13 +37,12 @@ from ..distributed import ranks_per_node
 from ..precision import lowp_dtype
 from .base import Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, rng_state, set_rng_state
 from .deepspeed_config import deepspeed_config
+from .deepspeed_readers import DS_TAG, TEACHER_FILE
 from .params import param_groups
 
 log = logging.getLogger("sere_scale")
 
-DS_TAG = "deepspeed"
 EXTRA_FILE = "extra.pt"
-TEACHER_FILE = "teacher.pt"
 # torch >= 2.14 renames all_gather_into_tensor (same arguments)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -158,6 +156,9 @@ def _fp32_buffers(module) -> None:
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    # DeepSpeed's backward counts micro-steps and reduces gradients at the accumulation boundary: it must never
+    # run on a loss that is non-finite on some rank, so the step votes before every micro-batch's backward
+    check_every_micro_batch = True
 
     def __init__(self, cfg, student, teacher, method, info):
         super().__init__(cfg, student, teacher, method, info)
@@ -380,34 +381,3 @@ class DeepSpeedEngine(Engine):
             out[n] = full[: t.ds_numel].view(t.ds_shape).cpu()
         out.update(self._teacher_buffers())
         return out
-
-
-# ---------------------------------------------------------------------- reading a teacher without processes
-def read_deepspeed_teacher(ckpt_dir: str | Path) -> dict:
-    """The full fp32 teacher state dict of a DeepSpeed checkpoint: ``teacher.pt`` (ZeRO-1/2), or the ZeRO-3
-    per-rank fp32 partitions concatenated, truncated to each parameter's size and reshaped."""
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / TEACHER_FILE).exists():
-        return torch.load(ckpt_dir / TEACHER_FILE, map_location="cpu", weights_only=False)
-    files = sorted(ckpt_dir.glob("teacher_rank*.pt"))
-    if not files:
-        raise FileNotFoundError(f"no DeepSpeed teacher in {ckpt_dir}")
-    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    world = shards[0]["world_size"]
-    if len(shards) != world:
-        raise RuntimeError(f"{ckpt_dir}: {len(shards)} teacher partitions for a world size of {world}")
-    out = {}
-    for i, (name, shape) in enumerate(zip(shards[0]["names"], shards[0]["shapes"])):
-        flat = torch.cat([s["partitions"][i] for s in shards])
-        n = 1
-        for d in shape:
-            n *= d
-        out[name] = flat[:n].view(shape).clone()
-    out.update(shards[0]["buffers"])
-    return out
-
-
-def read_deepspeed_student(ckpt_dir: str | Path) -> dict:
-    """The full fp32 student state dict (DeepSpeed's fp32 masters), by DeepSpeed's own converter."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)

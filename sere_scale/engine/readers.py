@@ -19,7 +19,7 @@ def _builtin_reader(backend: str, weights: str) -> Callable[[Path], dict]:
     elif backend == "fsdp":
         from . import fsdp as mod
     elif backend == "deepspeed":
-        from . import deepspeed as mod
+        from . import deepspeed_readers as mod
     else:
         extra = sorted({*TEACHER_READERS, *STUDENT_READERS})
         raise ValueError(f"checkpoint written by an unknown backend '{backend}' (known: ddp, fsdp, deepspeed"

@@ -1,6 +1,7 @@
 """FLOPs of a step (counted once with ``torch.utils.flop_counter``), analytic ViT counts, peak device FLOP/s."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -31,13 +32,23 @@ def _cpu_sdpa_mapping() -> dict:
     return out
 
 
-def count_flops(fn) -> int:
-    """Total FLOPs of the matmuls/convolutions/attention run by ``fn()`` (forward and backward), the fused Triton
-    relation kernels included (invisible to ``FlopCounterMode``; they report their own)."""
+@contextlib.contextmanager
+def counting_flops():
+    """Yields a one-element list that holds, after the block, the FLOPs of the matmuls/convolutions/attention run
+    inside it (forward and backward), the fused Triton relation kernels included (invisible to
+    ``FlopCounterMode``; they report their own)."""
     from ..kernels import tally_kernel_flops
+    total = [0]
     with tally_kernel_flops() as kernels, FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as fc:
+        yield total
+    total[0] = int(fc.get_total_flops()) + kernels[0]
+
+
+def count_flops(fn) -> int:
+    """Total FLOPs of ``fn()`` (``counting_flops``)."""
+    with counting_flops() as total:
         fn()
-    return int(fc.get_total_flops()) + kernels[0]
+    return total[0]
 
 
 def measured_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024, reps: int = 5) -> float:

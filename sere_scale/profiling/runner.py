@@ -7,15 +7,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.device import to_device as _to_device
 from ..data.loader import build_train_loader
 from ..data.synthetic import SyntheticLoader
 from ..distributed import DistInfo, init_distributed
-from ..engine import build_engine
-from ..method import SEREMethod
 from ..models.backbone import patch_size_of
-from ..models.network import build_student_teacher
 from ..schedules import build_schedules
+from ..startup import build_parts
+from ..step import Batches, train_step
 from .flops import count_flops, device_peak
 from .timer import RegionTimer
 
@@ -35,50 +33,40 @@ def _peak_memory(device) -> int:
 
 
 class _Stepper:
+    """The training step (``step.train_step``: accumulation, ``no_sync``, autocast, the finiteness vote, EMA,
+    centers) on the run's loader (or synthetic batches), with a region timer the profile can switch on."""
+
     def __init__(self, cfg, info: DistInfo, synthetic: bool):
         self.cfg, self.info = cfg, info
-        torch.manual_seed(cfg.train.seed)
-        student, teacher = build_student_teacher(cfg)
-        self.method = SEREMethod(cfg, student.backbone.num_heads)
-        self.engine = build_engine(cfg, student, teacher, self.method, info)
-        self.patch = patch_size_of(cfg.model)
-        self.loader = SyntheticLoader(cfg, self.patch) if synthetic else build_train_loader(cfg, info.rank,
-                                                                                            info.world_size)
-        self.it = self.loader.epoch_iter(0, 0)
-        self.epoch, self.n = 0, 0
-        self.augment = None
+        self.method, self.engine = build_parts(cfg, info)
+        loader = (SyntheticLoader(cfg, patch_size_of(cfg.model)) if synthetic
+                  else build_train_loader(cfg, info.rank, info.world_size))
+        augment = None
         if cfg.data.augment == "gpu" and not synthetic:
             from ..data.encoded import DeviceAugment
-            self.augment = DeviceAugment.from_config(cfg, info.device, info.rank)
-        spe = max(self.loader.batches_per_epoch, 1) if not synthetic else 1000
+            augment = DeviceAugment.from_config(cfg, info.device, info.rank)
+        self.batches = Batches(loader, {"epoch": 0, "batch": 0}, info.device, augment)
+        spe = max(loader.batches_per_epoch, 1) if not synthetic else 1000
         self.sched = build_schedules(cfg, min(spe, 10**6), info.world_size).at(10**3)
         self.timer = RegionTimer(info.device, enabled=False)
         self.method.timer = self.timer
 
-    def next_batch(self):
-        b = next(self.it, None)
-        if b is None:
-            self.epoch += 1
-            self.it = self.loader.epoch_iter(self.epoch, 0)
-            b = next(self.it)
-        return b
-
     def step(self):
-        t, e, s = self.timer, self.engine, self.sched
-        with t("data_wait"):
-            batch = self.next_batch()
-        with t("host_to_device"):  # includes decode + multi-crop on the device with data.augment=gpu
-            self.n += 1
-            batch = _to_device(batch, self.info.device, self.augment, (self.epoch, self.n))
-        with e.autocast():
-            out = self.method(e.student, e.teacher, batch, s)
-        with t("backward"):
-            e.backward(out["loss"])
-        with t("optimizer"):
-            e.step(s["lr"], s["wd"], False)
-        with t("ema"):
-            e.ema_update(s["momentum"])
-            self.method.after_step()
+        train_step(self.engine, self.method, self.batches, self.sched, self.cfg.train.grad_accum,
+                   self.info.world_size, timer=self.timer, freeze_last_layer=False)
+
+    def timed(self, steps: int, regions: bool) -> float:
+        """Seconds per step over ``steps`` steps, the device synchronised at both ends only (``regions``: with
+        the region timers on, which synchronise on CUDA)."""
+        self.timer.enabled = regions
+        self.timer.reset()
+        _sync(self.info.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync(self.info.device)
+        self.timer.enabled = False
+        return (time.perf_counter() - t0) / steps
 
 
 def run_profile(cfg, steps: int = 10, warmup: int = 2, synthetic: bool = False, trace: bool = False,
@@ -86,31 +74,15 @@ def run_profile(cfg, steps: int = 10, warmup: int = 2, synthetic: bool = False, 
     info = info or init_distributed()
     dev = info.device
     st = _Stepper(cfg, info, synthetic)
-    B = cfg.data.batch_size
+    B = cfg.data.batch_size * cfg.train.grad_accum  # images per device and optimiser step
     for _ in range(warmup):
         st.step()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    # 1) throughput: no synchronisation inside the steps
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        st.step()
-    _sync(dev)
-    step_time = (time.perf_counter() - t0) / steps
-
-    # 2) breakdown: region timers (synchronising on CUDA)
-    st.timer.enabled = True
-    st.timer.reset()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        st.step()
-    _sync(dev)
-    timed_step = (time.perf_counter() - t0) / steps
+    step_time = st.timed(steps, regions=False)  # 1) throughput: no synchronisation inside the steps
+    timed_step = st.timed(steps, regions=True)  # 2) breakdown: region timers (synchronising on CUDA)
     breakdown = {k: st.timer.totals.get(k, 0.0) / steps for k in BREAKDOWN}
-    st.timer.enabled = False
 
     # 3) FLOPs, counted once on one real step
     flops = count_flops(st.step)
@@ -120,21 +92,14 @@ def run_profile(cfg, steps: int = 10, warmup: int = 2, synthetic: bool = False, 
     loader_ips = None
     if not synthetic:
         t0 = time.perf_counter()
-        for i in range(steps):  # data alone: load (+ device decode and multi-crop with data.augment=gpu)
-            b = st.next_batch()
-            if st.augment is not None:
-                _to_device(b, dev, st.augment, (st.epoch, 10**6 + i))
+        for _ in range(steps):  # data alone: load (+ device decode and multi-crop with data.augment=gpu)
+            st.batches.next()
         _sync(dev)
-        loader_ips = B * steps / (time.perf_counter() - t0)
+        loader_ips = cfg.data.batch_size * steps / (time.perf_counter() - t0)
         synth = _Stepper(cfg, info, synthetic=True)
         for _ in range(warmup):
             synth.step()
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            synth.step()
-        _sync(dev)
-        model_ips = B * steps / (time.perf_counter() - t0)
+        model_ips = B / synth.timed(steps, regions=False)
     else:
         model_ips = B / step_time
 
@@ -172,7 +137,8 @@ def run_profile(cfg, steps: int = 10, warmup: int = 2, synthetic: bool = False, 
         "world_size": info.world_size,
         "backend": cfg.engine.backend,
         "precision": st.engine.precision,
-        "batch_size_per_device": B,
+        "batch_size_per_device": cfg.data.batch_size,
+        "grad_accum": cfg.train.grad_accum,
         "crops": f"{cfg.data.n_global}x{cfg.data.global_size} + {cfg.data.n_local}x{cfg.data.local_size}",
         "arch": cfg.model.arch,
         "synthetic": synthetic,

@@ -35,8 +35,7 @@ from sere_scale.config import load_config
 from sere_scale.distributed import init_distributed
 from sere_scale.engine import build_engine
 from sere_scale.method import SEREMethod
-from sere_scale.models.network import build_student_teacher
-from sere_scale import train as train_module
+from sere_scale.startup import build_parts
 from sere_scale.train import train
 
 
@@ -229,10 +228,7 @@ def main():
         rec = {}
         if job.get("reload"):
             src = Path(job["reload"])
-            torch.manual_seed(cfg.train.seed)
-            student, teacher = build_student_teacher(cfg)
-            method = SEREMethod(cfg, student.backbone.num_heads)
-            eng = build_engine(cfg, student, teacher, method, info)
+            method, eng = build_parts(cfg, info)
             ckpt = find_latest(src)
             state = eng.load(str(ckpt))
             now = full_state(eng)
@@ -241,35 +237,32 @@ def main():
                 rec["reload"]["train_state"] = state
                 shutil.copytree(src, cfg.output_dir)
             dist.barrier()
-            del eng, student, teacher, method
+            del eng, method
         if job.get("resume_from"):
             resume_copy(Path(job["resume_from"]["run"]), Path(cfg.output_dir), int(job["resume_from"]["step"]), info)
         out_dir, built, snaps = Path(cfg.output_dir), {}, {}
-        restore, restore_build, calls = SEREMethod.forward, train_module.build_engine, {"n": 0}
+        calls = {"n": 0}
         nan_at, inf_at = job.get("nan_at"), job.get("inf_grad_at")
         snap_calls = set(job.get("snap_calls", ()))
 
-        def build(*a, **k):
-            built["engine"] = restore_build(*a, **k)
+        def build(*a, **k):  # injected as the Trainer's engine_factory
+            built["engine"] = build_engine(*a, **k)
             instrument(built["engine"], job, info, out_dir)
             return built["engine"]
 
-        def forward(self, *a, **k):
-            calls["n"] += 1
-            if calls["n"] in snap_calls:
-                snaps[calls["n"]] = full_state(built["engine"])
-            out = restore(self, *a, **k)
-            if calls["n"] == nan_at:  # the loss of the nan_at-th forward call (counted from 1) becomes NaN
-                out["loss"] = out["loss"] * float("nan")
-            if calls["n"] == inf_at and info.rank == 0:
-                out["loss"] = _InfGrad.apply(out["loss"])
-            return out
-        SEREMethod.forward, train_module.build_engine = forward, build
-        try:
-            out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload") or job.get("resume_from")),
-                        info=info)
-        finally:
-            SEREMethod.forward, train_module.build_engine = restore, restore_build
+        class Instrumented(SEREMethod):  # injected as the Trainer's method_cls
+            def forward(self, *a, **k):
+                calls["n"] += 1
+                if calls["n"] in snap_calls:
+                    snaps[calls["n"]] = full_state(built["engine"])
+                out = super().forward(*a, **k)
+                if calls["n"] == nan_at:  # the loss of the nan_at-th forward call (counted from 1) becomes NaN
+                    out["loss"] = out["loss"] * float("nan")
+                if calls["n"] == inf_at and info.rank == 0:
+                    out["loss"] = _InfGrad.apply(out["loss"])
+                return out
+        out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload") or job.get("resume_from")),
+                    info=info, method_cls=Instrumented, engine_factory=build)
         if snaps and info.is_main:
             torch.save(snaps, out_dir / "snaps.pt")
         eng = out["engine"]
