@@ -82,6 +82,14 @@ def rng_state() -> dict:
     return st
 
 
+def load_rng_state(ckpt_dir: str, rank: int) -> None:
+    """This rank's RNG state from a checkpoint folder, where it was saved (``rng_rank{rank:05d}.pt``)."""
+    import os
+    path = os.path.join(ckpt_dir, f"rng_rank{rank:05d}.pt")
+    if os.path.exists(path):
+        set_rng_state(torch.load(path, weights_only=False))
+
+
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
@@ -177,6 +185,19 @@ class Engine:
         scaler.step(optimizer)
         scaler.update()
         self.step_skipped = scaler.get_scale() < before
+
+    def clipped_step(self, lr: float, wd: float, freeze_last_layer: bool, clip) -> torch.Tensor:
+        """The torch engines' optimiser step: drop the frozen last layer's gradients (``self._last``), unscale
+        (fp16), clip (``clip()`` returns the gradient norm, a device tensor), set lr/wd, step, zero gradients."""
+        if freeze_last_layer:
+            for p in self._last:
+                p.grad = None
+        self.scaler.unscale_(self.optimizer)
+        norm = clip()
+        self.set_lr_wd(self.optimizer, lr, wd)
+        self.scaled_step(self.scaler, self.optimizer)
+        self.zero_grad()
+        return norm
 
     def set_lr_wd(self, optimizer, lr: float, wd: float) -> None:
         for g in optimizer.param_groups:

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .base import Engine, apply_ac_and_compile, ema_, rng_state, set_rng_state
+from .base import Engine, apply_ac_and_compile, ema_, load_rng_state, rng_state
 from .params import last_layer_params, param_groups
 
 
@@ -61,17 +61,11 @@ class DDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
-        if freeze_last_layer:
-            for p in self._last:
-                p.grad = None
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        clip = self.cfg.optim.clip_grad
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.set_lr_wd(self.optimizer, lr, wd)
-        self.scaled_step(self.scaler, self.optimizer)
-        self.zero_grad()
-        return norm
+        def clip():
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            c = self.cfg.optim.clip_grad
+            return torch.nn.utils.clip_grad_norm_(params, c if c > 0 else float("inf"))
+        return self.clipped_step(lr, wd, freeze_last_layer, clip)
 
     @torch.no_grad()
     def ema_update(self, momentum):
@@ -93,9 +87,7 @@ class DDPEngine(Engine):
         self.optimizer.load_state_dict(sd["optimizer"])
         self.load_grad_scaler(self.scaler, sd["scaler"])
         self.method.load_state_dict(sd["method"])
-        rng_file = os.path.join(ckpt_dir, f"rng_rank{self.info.rank:05d}.pt")
-        if os.path.exists(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rng_state(ckpt_dir, self.info.rank)
         return sd["train_state"]
 
     def teacher_state_dict(self):

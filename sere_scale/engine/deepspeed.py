@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 from ..distributed import ranks_per_node
 from ..precision import lowp_dtype
-from .base import Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, rng_state, set_rng_state
+from .base import (Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, load_rng_state,
+                   rng_state)
 from .deepspeed_config import deepspeed_config
 from .deepspeed_readers import DS_TAG, TEACHER_FILE
 from .params import param_groups
@@ -366,9 +367,7 @@ class DeepSpeedEngine(Engine):
             sd = torch.load(os.path.join(ckpt_dir, TEACHER_FILE), map_location=self.device, weights_only=False)
             self.teacher_module.load_state_dict(sd)
         self.method.load_state_dict(extra["method"])
-        rng_file = os.path.join(ckpt_dir, f"rng_rank{rank:05d}.pt")
-        if os.path.exists(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rng_state(ckpt_dir, rank)
         return extra["train_state"]
 
     def teacher_state_dict(self):

@@ -190,15 +190,8 @@ class FSDPEngine(Engine):
                         unsharded.grad = None
 
     def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
-        if freeze_last_layer:
-            for p in self._last:
-                p.grad = None
-        self.scaler.unscale_(self.optimizer)
-        norm = clip_grad_norm_(self._params, self.cfg.optim.clip_grad)
-        self.set_lr_wd(self.optimizer, lr, wd)
-        self.scaled_step(self.scaler, self.optimizer)
-        self.zero_grad()
-        return norm
+        return self.clipped_step(lr, wd, freeze_last_layer, lambda: clip_grad_norm_(self._params,
+                                                                                    self.cfg.optim.clip_grad))
 
     @torch.no_grad()
     def ema_update(self, momentum):
