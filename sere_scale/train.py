@@ -21,7 +21,6 @@ __all__ = ["EXIT_NONFINITE", "EXIT_REQUEUE", "REQUEUE_MARKER", "NonFiniteLoss", 
 
 
 NonFiniteLoss = nonfinite.NonFiniteLoss
-_Preemption = Preemption
 
 
 def train(cfg: Config, resume: bool = False, info: DistInfo | None = None, move_old: bool = False,

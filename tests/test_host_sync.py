@@ -16,13 +16,14 @@ import warnings
 import pytest
 import torch
 
+import sere_scale
 from sere_scale import step as step_module
 from sere_scale.engine import build_engine
 from sere_scale.train import train
 from tests.conftest import digits_subset
 from tests.tiny import tiny_config
 
-OURS = f"{os.sep}sere_scale{os.sep}"
+OURS = os.path.dirname(os.path.abspath(sere_scale.__file__)) + os.sep  # the package's own files (not tests/)
 CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
 
 
@@ -45,7 +46,7 @@ class SyncCounter:
         def counted(t, *a, **k):
             if self.active:
                 caller = sys._getframe(1).f_code
-                if OURS in caller.co_filename:
+                if os.path.abspath(caller.co_filename).startswith(OURS):
                     self.n += 1
                     self.where.append(f"{name} in {caller.co_filename.split(OURS)[-1]}:{caller.co_name}")
             return orig(t, *a, **k)

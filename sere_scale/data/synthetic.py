@@ -35,10 +35,14 @@ def synthetic_batch(cfg, batch_size: int, patch_size: int, seed: int = 0, width:
 
 
 class SyntheticLoader:
-    """Endless stream of a few pre-built synthetic batches (no data cost)."""
+    """Endless stream of a few pre-built synthetic batches (no data cost). ``device``: built there once (the
+    step's move to the device is then a no-op: no host-to-device copy per step); default: on the host."""
 
-    def __init__(self, cfg, patch_size: int, n_distinct: int = 2):
+    def __init__(self, cfg, patch_size: int, n_distinct: int = 2, device=None):
         self.batches = [synthetic_batch(cfg, cfg.data.batch_size, patch_size, seed=i) for i in range(n_distinct)]
+        if device is not None:
+            from .device import to_device
+            self.batches = [to_device(b, torch.device(device)) for b in self.batches]
         self.batches_per_epoch = 10**9
 
     def epoch_iter(self, epoch: int = 0, start_batch: int = 0):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from typing import Optional
 
@@ -84,7 +85,6 @@ def rng_state() -> dict:
 
 def load_rng_state(ckpt_dir: str, rank: int) -> None:
     """This rank's RNG state from a checkpoint folder, where it was saved (``rng_rank{rank:05d}.pt``)."""
-    import os
     path = os.path.join(ckpt_dir, f"rng_rank{rank:05d}.pt")
     if os.path.exists(path):
         set_rng_state(torch.load(path, weights_only=False))

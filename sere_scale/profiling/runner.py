@@ -92,7 +92,7 @@ def run_profile(cfg, steps: int = 10, warmup: int = 2, synthetic: bool = False, 
     loader_ips = None
     if not synthetic:
         t0 = time.perf_counter()
-        for _ in range(steps):  # data alone: load (+ device decode and multi-crop with data.augment=gpu)
+        for _ in range(steps):  # data alone: load and move to the device (+ decode, multi-crop: augment=gpu)
             st.batches.next()
         _sync(dev)
         loader_ips = cfg.data.batch_size * steps / (time.perf_counter() - t0)
