@@ -21,13 +21,15 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check sere_scale data_prep tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m sere_scale.demo
+	$(PY) -m sere_scale demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sere_scale data_prep tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # .whl/: deepspeed, webdataset and their missing needs as wheels for the GPU machine (Python 3.12, x86-64)
 wheels: $(STAMP)

@@ -95,9 +95,9 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
-    from sere_scale.config import load_config
-    from sere_scale.distributed import init_distributed
-    from sere_scale.startup import build_parts
+    from sere_scale.config.load import load_config
+    from sere_scale.engine.distributed import init_distributed
+    from sere_scale.run.startup import build_parts
 
     info = init_distributed()
     cfg = load_config(args.config, [*BACKENDS[args.backend], f"train.precision={args.precision}",

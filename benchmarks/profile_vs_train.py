@@ -35,11 +35,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import logging
 
-    from sere_scale.config import load_config
+    from sere_scale.config.load import load_config
     from sere_scale.data.demo_data import write_digits
-    from sere_scale.metrics import read_metrics
-    from sere_scale.profiling.runner import run_profile
-    from sere_scale.train import train
+    from sere_scale.run.metrics import read_metrics
+    from sere_scale.run.profiler import run_profile
+    from sere_scale.run.train import train
     logging.getLogger("sere_scale").setLevel(logging.WARNING)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

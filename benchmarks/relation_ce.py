@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sere_scale.kernels import chunked, relation_cross_entropy  # noqa: E402
-from sere_scale.precision import LOWP_DTYPES  # noqa: E402
+from sere_scale.engine.precision import LOWP_DTYPES  # noqa: E402
 
 # name: (G, R, Ds, Dt, description)
 PRESETS = {

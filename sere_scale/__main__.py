@@ -1,3 +1,3 @@
-from .cli import main
+from sere_scale.cli import main
 
 raise SystemExit(main())

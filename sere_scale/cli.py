@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from .config import ConfigError
+from sere_scale.config.load import ConfigError
 
 COMMANDS = [
     "sere_scale.commands.train",
@@ -18,6 +18,7 @@ COMMANDS = [
     "sere_scale.commands.linear",
     "sere_scale.commands.export",
     "sere_scale.commands.config",
+    "sere_scale.commands.demo",
 ]
 
 

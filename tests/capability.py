@@ -1,10 +1,10 @@
-"""The tests' side of ``sere_scale/capabilities.py``: skip (with the reason) only the cases that need a capability
-this machine lacks. Probes are cached: each runs once per test session, when the first case asks."""
+"""The tests' side of ``sere_scale/engine/capabilities.py``: skip (with the reason) only the cases that need a
+capability this machine lacks. Probes are cached: each runs once per test session, when the first case asks."""
 import functools
 
 import pytest
 
-from sere_scale.capabilities import deepspeed_precision_problem, inductor_cpu_problem
+from sere_scale.engine.capabilities import deepspeed_precision_problem, inductor_cpu_problem
 
 
 @functools.cache

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sere_scale.metrics import read_metrics
+from sere_scale.run.metrics import read_metrics
 from tests.conftest import ROOT, digits_subset, subprocess_env
 from tests.fake_tracker import calls
 from tests.tiny import tiny_overrides

@@ -12,9 +12,9 @@ import shutil
 import pytest
 import torch
 
-from sere_scale.checkpoint import find_latest
-from sere_scale.metrics import read_metrics
-from sere_scale.train import train
+from sere_scale.engine.checkpoint import find_latest
+from sere_scale.run.metrics import read_metrics
+from sere_scale.run.train import train
 import tests.capability as cap
 from tests.test_engines import CURVE_KEYS
 from tests.tiny import tiny_config

@@ -2,7 +2,7 @@ import json
 import pytest
 import yaml
 
-from sere_scale.config import Config, ConfigError, load_config, save_config
+from sere_scale.config.load import Config, ConfigError, load_config, save_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ from sere_scale.data.gpu_multicrop import GPUMultiCrop
 from sere_scale.data.loader import build_train_loader
 from sere_scale.data.sampler import ResumableDistributedSampler
 from sere_scale.data.shards import ShardLoader
-from sere_scale.metrics import read_metrics
-from sere_scale.train import train
+from sere_scale.run.metrics import read_metrics
+from sere_scale.run.train import train
 from tests.conftest import ROOT, subprocess_env
 from tests.tiny import tiny_config, tiny_overrides
 

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from sere_scale.metrics import read_metrics
+from sere_scale.run.metrics import read_metrics
 from tests.conftest import ROOT, subprocess_env
 from tests.tiny import tiny_overrides
 

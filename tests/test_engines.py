@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sere_scale.checkpoint import find_latest
-from sere_scale.metrics import read_metrics
+from sere_scale.engine.checkpoint import find_latest
+from sere_scale.run.metrics import read_metrics
 import tests.capability as cap
 from tests.conftest import ROOT, digits_subset, subprocess_env
 from tests.tiny import TINY
@@ -316,7 +316,7 @@ def test_kill9_and_sigterm_then_resume_reproduce_the_uninterrupted_curve(tmp_pat
 
 
 def test_deepspeed_config_is_generated_from_ours_and_merged_with_the_user_json(tmp_path):
-    from sere_scale.config import ConfigError
+    from sere_scale.config.load import ConfigError
     from sere_scale.engine.deepspeed import deepspeed_config
     from tests.tiny import tiny_config
     cfg = tiny_config(tmp_path, tmp_path, "engine.backend=deepspeed", "engine.zero_stage=3", "train.grad_accum=4",

@@ -41,7 +41,7 @@ def trees(tmp_path_factory, digits_root):
 
 
 def tiny_backbone():
-    from sere_scale.config import load_config
+    from sere_scale.config.load import load_config
     from sere_scale.models.backbone import ViTBackbone, create_vit
     from tests.tiny import TINY
     torch.manual_seed(0)
@@ -153,7 +153,7 @@ def test_invariance_images_from_shards(trees):
 def test_periodic_knn_during_training_from_shards(trees, tmp_path, capsys, monkeypatch):
     from sere_scale.cli import main
     from sere_scale.engine.ddp import DDPEngine
-    from sere_scale.train import train
+    from sere_scale.run.train import train
     from tests.tiny import tiny_config
     src, out = trees
     run = tmp_path / "run"
@@ -179,6 +179,6 @@ def test_periodic_knn_during_training_from_shards(trees, tmp_path, capsys, monke
 
 
 def test_knn_every_needs_both_paths():
-    from sere_scale.config import ConfigError, load_config
+    from sere_scale.config.load import ConfigError, load_config
     with pytest.raises(ConfigError, match="knn_train_path"):
         load_config(None, ["eval.knn_every=5", "eval.val_path=x"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sere_scale.export import export_timm
+from sere_scale.export.timm_dir import export_timm
 from sere_scale.engine.ddp import read_ddp_teacher
 from sere_scale.engine.readers import TEACHER_READERS
 from sere_scale.eval.features import eval_transform
@@ -21,7 +21,7 @@ from tests.tiny import tiny_config
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, digits_root):
     """A 2-step iBOT+SERE run (its backbone carries a mask token that timm does not know)."""
-    from sere_scale.train import train
+    from sere_scale.run.train import train
     run = tmp_path_factory.mktemp("export") / "run"
     # eval size 48 ≠ global size 32 ≠ timm's stock 224: the exported preprocessing must be the run's
     train(tiny_config(run, digits_root / "train", "train.max_steps=2", "eval.eval_size=48"))

@@ -19,7 +19,7 @@ One 2-rank launch (tests/dist/engines_run.py) holds every training run, and also
 import pytest
 import torch
 
-from sere_scale.metrics import read_metrics
+from sere_scale.run.metrics import read_metrics
 from tests.test_engines import CURVE_KEYS, overrides, run_jobs
 import tests.capability as cap
 from tests.conftest import digits_subset
@@ -208,7 +208,7 @@ def test_compiled_fsdp_with_activation_checkpointing_reproduces_the_eager_curve(
 
 
 def test_an_fp32_checkpoint_resumes_in_fp16_with_the_configured_scaler(tmp_path, data48):
-    from sere_scale.train import train
+    from sere_scale.run.train import train
     from tests.tiny import tiny_config
     base = ["model.drop_path=0", "data.batch_size=4", "train.max_steps=2", "checkpoint.every_steps=2"]
     train(tiny_config(tmp_path / "run", data48, *base))
@@ -225,7 +225,7 @@ def test_an_fp32_checkpoint_resumes_in_fp16_with_the_configured_scaler(tmp_path,
 
 
 def test_engine_autocast_is_fp16_on_cpu(tmp_path):
-    from sere_scale.distributed import DistInfo
+    from sere_scale.engine.distributed import DistInfo
     from sere_scale.engine.base import Engine
     from tests.tiny import tiny_config
     for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -235,7 +235,7 @@ def test_engine_autocast_is_fp16_on_cpu(tmp_path):
 
 
 def test_loss_scale_settings_are_validated():
-    from sere_scale.config import ConfigError, load_config
+    from sere_scale.config.load import ConfigError, load_config
     with pytest.raises(ConfigError, match="train.loss_scale_init"):
         load_config(None, ["train.loss_scale_init=1000"])
     with pytest.raises(ConfigError, match="train.loss_scale_window"):
@@ -252,9 +252,9 @@ def test_the_fp16_gate_follows_the_accelerator_and_leaves_ddp_and_fsdp_in(monkey
     (or none), the launch keeps DDP/FSDP and drops only ZeRO, and the DeepSpeed engine refuses with a config
     error naming the key before any process group or DeepSpeed engine is made."""
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-    from sere_scale.capabilities import deepspeed_precision_problem
-    from sere_scale.config import ConfigError
-    from sere_scale.distributed import DistInfo
+    from sere_scale.engine.capabilities import deepspeed_precision_problem
+    from sere_scale.config.load import ConfigError
+    from sere_scale.engine.distributed import DistInfo
     from sere_scale.engine.deepspeed import DeepSpeedEngine
     from tests.tiny import tiny_config
     monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: has_fp16)

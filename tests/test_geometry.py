@@ -1,6 +1,6 @@
 import torch
 
-from sere_scale.geometry import overlap_boxes, region_aligned_sample
+from sere_scale.geometry.boxes import overlap_boxes, region_aligned_sample
 
 
 def coord_map(box, flip, h, w):

@@ -12,8 +12,8 @@ from PIL import Image
 from sere_scale.data.encoded import DeviceAugment, split_encoded
 from sere_scale.data.loader import build_train_loader
 from sere_scale.data.shards import ShardLoader
-from sere_scale.metrics import read_metrics
-from sere_scale.train import train
+from sere_scale.run.metrics import read_metrics
+from sere_scale.run.train import train
 from tests.test_train import crashing
 from tests.tiny import tiny_config
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import sere_scale
-from sere_scale import step as step_module
+from sere_scale.run import step as step_module
 from sere_scale.engine import build_engine
-from sere_scale.train import train
+from sere_scale.run.train import train
 from tests.conftest import digits_subset
 from tests.tiny import tiny_config
 

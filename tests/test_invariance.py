@@ -9,9 +9,9 @@ import torch
 
 from sere_scale.eval.invariance import list_images, measure_invariance
 from sere_scale.eval.views import ScaledViews, make_views
-from sere_scale.metrics import read_metrics
+from sere_scale.run.metrics import read_metrics
 from sere_scale.models.load import load_teacher
-from sere_scale.train import train
+from sere_scale.run.train import train
 from tests.conftest import digits_subset, subprocess_env
 from tests.tiny import tiny_config
 

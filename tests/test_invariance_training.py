@@ -10,7 +10,7 @@ import pytest
 
 from sere_scale.eval.invariance import list_images, measure_invariance
 from sere_scale.models.load import load_teacher
-from sere_scale.train import train
+from sere_scale.run.train import train
 from tests.tiny import tiny_config
 from tests.conftest import digits_subset
 

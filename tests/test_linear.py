@@ -135,7 +135,7 @@ BRIEF_TRAINING = ["image_loss.kind=dino", "train.seed=1", "train.max_steps=100",
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, digits_root):
-    from sere_scale.train import train
+    from sere_scale.run.train import train
     from tests.tiny import tiny_config
     run = tmp_path_factory.mktemp("linear") / "run"
     train(tiny_config(run, digits_root / "train", *BRIEF_TRAINING))

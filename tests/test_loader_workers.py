@@ -120,7 +120,7 @@ def test_a_stalled_worker_times_out_with_an_error_naming_the_worker_and_the_data
 
 
 def test_the_worker_timeout_is_a_validated_config_key():
-    from sere_scale.config import ConfigError, load_config
+    from sere_scale.config.load import ConfigError, load_config
     assert load_config(None, []).data.worker_timeout_s == 600
     with pytest.raises(ConfigError, match="data.worker_timeout_s"):
         load_config(None, ["data.worker_timeout_s=-1"])

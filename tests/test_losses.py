@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from sere_scale.geometry import overlap_boxes, region_aligned_sample
+from sere_scale.geometry.boxes import overlap_boxes, region_aligned_sample
 from sere_scale.losses import ChannelRelationLoss, DINOLoss, IBOTPatchLoss, SpatialRelationLoss
 
 

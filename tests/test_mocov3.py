@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from sere_scale.losses.mocov3 import MoCoV3Loss, contrastive_loss, gather_keys
-from sere_scale.metrics import read_metrics
+from sere_scale.run.metrics import read_metrics
 from sere_scale.models.heads import SyncTokenBatchNorm
 from sere_scale.models.mocov3_heads import MoCoV3Head
 from tests.conftest import ROOT, subprocess_env
@@ -105,7 +105,7 @@ def _batch(cfg):
 
 def test_every_student_parameter_gets_a_gradient(tmp_path, digits_root):
     """DDP runs with find_unused_parameters=False: MoCo v3 + SERE must reach every trainable parameter."""
-    from sere_scale.method import SEREMethod
+    from sere_scale.method.sere_method import SEREMethod
     from sere_scale.models.network import build_student_teacher
     cfg = tiny_config(tmp_path, digits_root / "train", *MOCO, "data.batch_size=4")
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def test_every_student_parameter_gets_a_gradient(tmp_path, digits_root):
 
 
 def test_mocov3_sere_training_run(tmp_path, digits_root):
-    from sere_scale.train import train
+    from sere_scale.run.train import train
     cfg = tiny_config(tmp_path / "run", digits_root / "train", *MOCO, "train.max_steps=3", "sere.w_image=1.0")
     assert train(cfg)["step"] == 3
     rows = read_metrics(tmp_path / "run")
@@ -162,7 +162,7 @@ def test_keys_are_gathered_across_two_ranks(tmp_path):
 
 
 def test_preset_loads_with_moco_v3_settings():
-    from sere_scale.config import load_config
+    from sere_scale.config.load import load_config
     cfg = load_config(ROOT / "configs" / "mocov3_sere_vit_s16.yaml")
     il = cfg.image_loss
     assert (il.kind, il.moco_hidden_dim, il.moco_out_dim, il.moco_temp) == ("mocov3", 4096, 256, 0.2)

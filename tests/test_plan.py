@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sere_scale.config import load_config
+from sere_scale.config.load import load_config
 from sere_scale.engine.base import apply_ac_and_compile
 from sere_scale.engine.params import last_layer_params, param_groups
 from sere_scale.models.network import build_student_teacher

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from sere_scale.checkpoint import find_latest
-from sere_scale.metrics import read_metrics
-from sere_scale.watchdog import EXIT_HANG, GRACE
+from sere_scale.engine.checkpoint import find_latest
+from sere_scale.run.metrics import read_metrics
+from sere_scale.run.watchdog import EXIT_HANG, GRACE
 from tests.conftest import ROOT, digits_subset
 from tests.procs import descendants, kill_tree, signal_all, torchrun_ranks
 from tests.test_engines import _free_port, assert_same_curve, env, overrides, run_jobs, torchrun
@@ -193,8 +193,8 @@ def test_hang_watchdog_dumps_stacks_exits_125_and_the_srun_template_requeues(lau
     waited = float(re.search(r"made no progress for (\d+) s", stacks).group(1))
     assert waited >= HANG_S, stacks[:500]
     assert "Current thread" in stacks and "Thread 0x" in stacks  # every thread: the watchdog's and the rest
-    assert re.search(r'File ".*sere_scale/train\.py", line \d+ in train', stacks), stacks
-    assert "hang watchdog: rank 0" in r["log"] and "sere_scale/train.py" in r["log"]  # the log has them too
+    assert re.search(r'File ".*sere_scale/run/train\.py", line \d+ in train', stacks), stacks
+    assert "hang watchdog: rank 0" in r["log"] and "sere_scale/run/train.py" in r["log"]  # the log has them too
     assert not (r["run"] / "hang_rank1.txt").exists()  # the stopped rank wrote nothing
     assert r["markers"] == {"REQUEUE": None, "HANG": "rank 0\n"}
     assert r["latest"] in ("step_00000003", "step_00000006", "step_00000009") and r["last_logged"] < TOTAL
@@ -215,7 +215,7 @@ def test_kill9_of_a_rank_under_max_restarts_resumes_by_itself_and_reproduces_the
 
 WATCHDOG_SCRIPT = r"""
 import sys, time
-from sere_scale.watchdog import HangWatchdog
+from sere_scale.run.watchdog import HangWatchdog
 w = HangWatchdog(1.0, sys.argv[1], rank=3).start()
 for step in range(1, 16):  # 3 s of steps 0.2 s apart: never 1 s without one
     time.sleep(0.2)
@@ -319,9 +319,9 @@ def test_timeouts_are_config_keys_and_reach_the_process_group(tmp_path, monkeypa
 
     import torch.distributed as dist
 
-    from sere_scale import train as train_module
-    from sere_scale.config import ConfigError
-    from sere_scale.distributed import init_distributed
+    from sere_scale.run import train as train_module
+    from sere_scale.config.load import ConfigError
+    from sere_scale.engine.distributed import init_distributed
     from tests.tiny import tiny_config
     for key in ("train.hang_timeout_s", "train.dist_timeout_s"):
         for bad in ("0", "-5", "nan"):
@@ -353,7 +353,7 @@ def test_timeouts_are_config_keys_and_reach_the_process_group(tmp_path, monkeypa
 
 
 def test_default_timeouts_are_documented():
-    from sere_scale.config import Config
+    from sere_scale.config.load import Config
     t = Config().train
     readme = (ROOT / "README.md").read_text()
     launch = (ROOT / "docs" / "LAUNCH.md").read_text()

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from sere_scale.config import load_config
+from sere_scale.config.load import load_config
 from sere_scale.models.network import build_student_teacher
 from sere_scale.profiling.flops import count_flops
 from sere_scale.profiling.report import write_profile
-from sere_scale.profiling.runner import run_profile
+from sere_scale.run.profiler import run_profile
 from tests.tiny import tiny_overrides
 
 

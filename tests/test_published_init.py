@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats
 
-from sere_scale.config import ModelConfig
-from sere_scale.export import timm_state_dict
+from sere_scale.config.load import ModelConfig
+from sere_scale.export.timm_dir import timm_state_dict
 from sere_scale.models.backbone import ViTBackbone, create_vit, timm_kwargs
 from sere_scale.models.heads import DINOHead
 

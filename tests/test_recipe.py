@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sere_scale.config import Config
+from sere_scale.config.load import Config
 from sere_scale.data.encoded import DeviceAugment
 from sere_scale.data.fastcrop import FastMultiCrop
 from sere_scale.data.gpu_multicrop import GPUMultiCrop

@@ -10,10 +10,10 @@ import tarfile
 import pytest
 import torch
 
-from sere_scale.checkpoint import CheckpointSaveError, find_latest
-from sere_scale.config import ConfigError
-from sere_scale.metrics import read_metrics
-from sere_scale.train import train
+from sere_scale.engine.checkpoint import CheckpointSaveError, find_latest
+from sere_scale.config.load import ConfigError
+from sere_scale.run.metrics import read_metrics
+from sere_scale.run.train import train
 from tests.conftest import digits_subset
 from tests.test_run_dir import snapshot
 from tests.tiny import tiny_config

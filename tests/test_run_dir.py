@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from sere_scale.checkpoint import CheckpointManager, find_latest
-from sere_scale.config import ConfigError
-from sere_scale.metrics import read_metrics
-from sere_scale.rundir import LOCK, RunLock, stale_reason
-from sere_scale.train import train
+from sere_scale.engine.checkpoint import CheckpointManager, find_latest
+from sere_scale.config.load import ConfigError
+from sere_scale.run.metrics import read_metrics
+from sere_scale.run.rundir import LOCK, RunLock, stale_reason
+from sere_scale.run.train import train
 from tests.conftest import digits_subset, subprocess_env
 from tests.tiny import tiny_config, tiny_overrides
 

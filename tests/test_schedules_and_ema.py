@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from sere_scale.config import load_config
-from sere_scale.distributed import DistInfo
+from sere_scale.config.load import load_config
+from sere_scale.engine.distributed import DistInfo
 from sere_scale.engine.ddp import DDPEngine
 from sere_scale.engine.params import param_groups
-from sere_scale.method import SEREMethod
+from sere_scale.method.sere_method import SEREMethod
 from sere_scale.models.network import build_student_teacher
-from sere_scale.schedules import build_schedules
+from sere_scale.method.schedules import build_schedules
 from tests.tiny import TINY
 
 

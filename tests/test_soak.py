@@ -11,7 +11,7 @@ import time
 from collections import Counter
 
 from sere_scale.data.workers import PID_DIR_ENV
-from sere_scale.metrics import read_metrics
+from sere_scale.run.metrics import read_metrics
 from tests.conftest import digits_subset, subprocess_env
 from tests.tiny import tiny_overrides
 

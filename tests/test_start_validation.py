@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from sere_scale.config import ConfigError, load_config
-from sere_scale.train import train
+from sere_scale.config.load import ConfigError, load_config
+from sere_scale.run.train import train
 from tests.conftest import digits_subset, subprocess_env
 from tests.tiny import TINY, tiny_config, tiny_overrides
 

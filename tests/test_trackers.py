@@ -8,9 +8,9 @@ import types
 
 import pytest
 
-from sere_scale.config import ConfigError
-from sere_scale.metrics import read_metrics
-from sere_scale.train import train
+from sere_scale.config.load import ConfigError
+from sere_scale.run.metrics import read_metrics
+from sere_scale.run.train import train
 from tests.conftest import digits_subset, subprocess_env
 from tests.fake_tracker import calls
 from tests.tiny import tiny_config, tiny_overrides

@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from sere_scale.checkpoint import find_latest
-from sere_scale.method import SEREMethod
-from sere_scale.metrics import read_metrics
-from sere_scale.train import NonFiniteLoss, train
+from sere_scale.engine.checkpoint import find_latest
+from sere_scale.method.sere_method import SEREMethod
+from sere_scale.run.metrics import read_metrics
+from sere_scale.run.train import NonFiniteLoss, train
 from tests.tiny import tiny_config
 from tests.conftest import digits_subset
 
@@ -237,7 +237,7 @@ def test_nonfinite_skip_on_the_last_step_still_logs_and_checkpoints(tmp_path, sm
 
 
 def test_consecutive_skips_stop_the_run_with_exit_3(tmp_path, small_data):
-    from sere_scale.train import EXIT_NONFINITE, main_train
+    from sere_scale.run.train import EXIT_NONFINITE, main_train
     cfg = tiny_config(tmp_path / "run", small_data, "train.max_steps=20", "train.nonfinite=skip",
                       "train.max_consecutive_skips=4")
     diverged = nan_input_at(set(range(3, 100)))  # diverged from step 3 on

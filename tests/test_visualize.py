@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from sere_scale.models.load import load_teacher
-from sere_scale.train import train
+from sere_scale.run.train import train
 from sere_scale.viz.draw import PAD, TITLE_H, grid_size
 from tests.conftest import digits_subset, subprocess_env
 from tests.tiny import tiny_config

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sere_scale.config import ModelConfig
+from sere_scale.config.load import ModelConfig
 from sere_scale.models.backbone import ViTBackbone, create_vit
 from sere_scale.viz.attention import cls_attention, top_mass_mask
 from sere_scale.viz.draw import PAD, TITLE_H

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sere_scale.geometry import region_aligned_sample
+from sere_scale.geometry.boxes import region_aligned_sample
 from sere_scale.viz.figures import _to_view
 from sere_scale.eval.relations import (
     ChannelStats,

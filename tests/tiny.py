@@ -1,5 +1,5 @@
 """A tiny configuration for CPU tests: 2-block ViT, 32 px globals, 16 px locals, small heads."""
-from sere_scale.config import load_config
+from sere_scale.config.load import load_config
 
 TINY = [
     "model.arch=vit_tiny_cpu", "model.depth=2", "model.drop_path=0.1",

@@ -1,4 +1,9 @@
-"""Sub-commands of ``sere-scale``, one module each (registered in ``sere_scale/cli.py``)."""
+"""Sub-commands of ``sere-scale``, one module each exposing ``add_parser(subparsers)`` (registered in
+``sere_scale/cli.py``): train, knn, linear, profile, visualize, invariance, export, config, demo.
+
+Imports: any layer (run, eval, viz, export, profiling, models, data, engine, config): this is the top layer.
+Imported by: ``sere_scale.cli`` only.
+"""
 
 
 def add_eval_data_args(p) -> None:

@@ -3,7 +3,7 @@ as YAML (exactly what ``train`` would run with and write to ``config.yaml``); ex
 
 
 def add_parser(sub):
-    from ..cli import add_config_args
+    from sere_scale.cli import add_config_args
     p = sub.add_parser("config", help="print the resolved, validated config (YAML) and exit")
     add_config_args(p)
     p.set_defaults(func=run)
@@ -14,7 +14,7 @@ def run(args) -> int:
 
     import yaml
 
-    from ..config import load_config
+    from sere_scale.config.load import load_config
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0

@@ -2,7 +2,7 @@
 
 
 def add_parser(sub):
-    from ..export import FORMATS, WEIGHTS
+    from sere_scale.export.timm_dir import FORMATS, WEIGHTS
     p = sub.add_parser("export", help="write the teacher (or student) backbone for timm: a timm-dir folder "
                                       "(config.json + model.safetensors) or one .safetensors file")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder (any backend)")
@@ -16,7 +16,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..export import export_timm
+    from sere_scale.export.timm_dir import export_timm
     out = args.out or args.out_opt
     if not out or (args.out and args.out_opt):
         args._parser.error("give the output once: OUT or --out OUT")

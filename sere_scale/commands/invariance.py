@@ -2,7 +2,7 @@
 
 
 def add_parser(sub):
-    from ..models.source import add_source_args
+    from sere_scale.models.source import add_source_args
     p = sub.add_parser("invariance",
                        help="mean change of spatial and channel self-relations between two views")
     add_source_args(p)
@@ -25,5 +25,5 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..eval.invariance import invariance_main
+    from sere_scale.eval.invariance import invariance_main
     return invariance_main(args)

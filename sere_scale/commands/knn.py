@@ -1,5 +1,5 @@
 """``sere-scale knn --checkpoint RUN --train-data DATA --val-data DATA``"""
-from . import add_eval_data_args
+from sere_scale.commands import add_eval_data_args
 
 
 def add_parser(sub):
@@ -13,5 +13,5 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..eval.knn import knn_main
+    from sere_scale.eval.knn import knn_main
     return knn_main(args)

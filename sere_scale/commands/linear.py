@@ -1,5 +1,5 @@
 """``sere-scale linear --checkpoint RUN --train-data DATA --val-data DATA [--out DIR]``"""
-from . import add_eval_data_args
+from sere_scale.commands import add_eval_data_args
 
 
 def add_parser(sub):
@@ -15,5 +15,5 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..eval.linear import linear_main
+    from sere_scale.eval.linear import linear_main
     return linear_main(args)

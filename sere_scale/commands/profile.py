@@ -8,7 +8,7 @@ import itertools
 
 
 def add_parser(sub):
-    from ..cli import add_config_args
+    from sere_scale.cli import add_config_args
     p = sub.add_parser("profile", help="measure images/s, MFU, step breakdown and memory")
     add_config_args(p)
     p.add_argument("--synthetic", action="store_true", help="random batches: the model alone, no data cost")
@@ -25,10 +25,10 @@ def add_parser(sub):
 def run(args) -> int:
     from pathlib import Path
 
-    from ..config import load_config
-    from ..distributed import init_distributed
-    from ..profiling.report import write_profile, write_sweep
-    from ..profiling.runner import run_profile
+    from sere_scale.config.load import load_config
+    from sere_scale.engine.distributed import init_distributed
+    from sere_scale.profiling.report import write_profile, write_sweep
+    from sere_scale.run.profiler import run_profile
     info = init_distributed()
     base = load_config(args.config, args.overrides)
     axes = []
@@ -42,7 +42,7 @@ def run(args) -> int:
         out = Path(base.output_dir) / ("_".join(f"{k}-{v}" for k, v in point.items()) if point else "")
         res = run_profile(cfg, args.steps, args.warmup, args.synthetic, args.trace, info, str(out))
         if args.baseline:
-            from ..profiling.baseline import backbone_baseline
+            from sere_scale.profiling.baseline import backbone_baseline
             res.update(backbone_baseline(cfg, info.device, args.steps, args.warmup))
             res["speed_vs_baseline"] = res["img_per_s_per_device"] / res["baseline_img_per_s"]
         if info.is_main:

@@ -2,7 +2,7 @@
 
 
 def add_parser(sub):
-    from ..cli import add_config_args
+    from sere_scale.cli import add_config_args
     p = sub.add_parser("train", help="pretrain (one process, or DDP/FSDP/DeepSpeed under a launcher)")
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
@@ -12,7 +12,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..config import load_config
-    from ..train import main_train
+    from sere_scale.config.load import load_config
+    from sere_scale.run.train import main_train
     cfg = load_config(args.config, args.overrides)
     return main_train(cfg, args.resume, args.move_old)

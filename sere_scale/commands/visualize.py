@@ -2,7 +2,7 @@
 
 
 def add_parser(sub):
-    from ..models.source import add_source_args
+    from sere_scale.models.source import add_source_args
     p = sub.add_parser("visualize",
                        help="CLS attention, spatial and channel self-relation pictures per image")
     add_source_args(p)
@@ -29,5 +29,5 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..viz.write import visualize_main
+    from sere_scale.viz.write import visualize_main
     return visualize_main(args)

@@ -17,12 +17,12 @@ import logging
 
 import torch
 
-from .corrupt import NoReadableSample, fill_corrupt, fill_slots
-from .folder import ImageFolderSSL
-from .gpu_multicrop import GPUMultiCrop
-from .masking import MaskGenerator
-from .recipe import AugmentRecipe
-from .transform import sample_rng, sample_seed
+from sere_scale.data.corrupt import NoReadableSample, fill_corrupt, fill_slots
+from sere_scale.data.folder import ImageFolderSSL
+from sere_scale.data.gpu_multicrop import GPUMultiCrop
+from sere_scale.data.masking import MaskGenerator
+from sere_scale.data.recipe import AugmentRecipe
+from sere_scale.data.transform import sample_rng, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class EncodedSSLTransform:
     @classmethod
     def from_config(cls, cfg) -> EncodedSSLTransform:
         d, il = cfg.data, cfg.image_loss
-        from ..arch import patch_size_of
+        from sere_scale.config.arch import patch_size_of
         masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
         return cls(d.n_global, d.global_size, patch_size_of(cfg.model), masks)
 

@@ -33,10 +33,10 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .folder import IMG_EXT, scan_folder
-from .shardlist import ShardSet, ShardSpecError, is_local, resolve_shards
-from .shardread import iter_piece
-from .shards import DECODE_ERRORS, IMAGE_KEYS
+from sere_scale.data.folder import IMG_EXT, scan_folder
+from sere_scale.data.shardlist import ShardSet, ShardSpecError, is_local, resolve_shards
+from sere_scale.data.shardread import iter_piece
+from sere_scale.data.shards import DECODE_ERRORS, IMAGE_KEYS
 
 log = logging.getLogger(__name__)
 MAX_WARNINGS = 20  # per process and data set, as the shard loader
@@ -174,7 +174,7 @@ class LabelledFolder(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from .folder import load_rgb
+        from sere_scale.data.folder import load_rgb
         path, label = self.items[i]
         img = load_rgb(path)  # warns itself
         if img is None:
@@ -259,6 +259,6 @@ def iter_rgb(images) -> Iterator[Image.Image | None]:
     if isinstance(images, ShardImages):
         yield from images
         return
-    from .folder import load_rgb
+    from sere_scale.data.folder import load_rgb
     for path in images:
         yield load_rgb(path)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from .multicrop import MultiCrop, sample_crop
+from sere_scale.data.multicrop import MultiCrop, sample_crop
 
 LUMA = np.array([0.299, 0.587, 0.114])  # PIL's "L" weights, used by torchvision's contrast/saturation/gray
 LUT_SIZE = 17

@@ -10,8 +10,8 @@ from typing import Callable, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .corrupt import Corrupt, NoReadableSample
-from .transform import sample_rng
+from sere_scale.data.corrupt import Corrupt, NoReadableSample
+from sere_scale.data.transform import sample_rng
 
 log = logging.getLogger(__name__)
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif"}

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 from torchvision.ops import roi_align
 
-from . import gpu_ops
-from .decode import DecodeStats, decode_images
-from .multicrop import AugmentRecipe, RecipeViews
+from sere_scale.data import gpu_ops
+from sere_scale.data.decode import DecodeStats, decode_images
+from sere_scale.data.multicrop import AugmentRecipe, RecipeViews
 
 
 def sample_crops(sizes_hw: torch.Tensor, scale_lo: torch.Tensor, scale_hi: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Training loaders behind one interface used by ``train.py``.
+"""Training loaders behind one interface used by the trainer (``run/trainer.py``).
 
 A loader exposes ``batches_per_epoch`` (steps each rank gets per epoch, equal on every rank) and
 ``epoch_iter(epoch, start_batch)`` yielding collated batches (see ``transform.collate_ssl``) from batch
@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .folder import ImageFolderSSL
-from .sampler import ResumableDistributedSampler
-from .transform import SSLTransform, collate_ssl
-from .worker_signals import job_signals_held
-from .workers import DEFAULT_TIMEOUT_S, Workers
+from sere_scale.data.folder import ImageFolderSSL
+from sere_scale.data.sampler import ResumableDistributedSampler
+from sere_scale.data.transform import SSLTransform, collate_ssl
+from sere_scale.data.worker_signals import job_signals_held
+from sere_scale.data.workers import DEFAULT_TIMEOUT_S, Workers
 
 
 class _EpochIndexed(Dataset):
@@ -53,7 +53,7 @@ class FolderLoader:
                  num_workers: int, encoded: bool = False, worker_timeout_s: float = DEFAULT_TIMEOUT_S):
         self.collate = collate_ssl
         if encoded:  # data.augment=gpu: ship file bytes, the device decodes and crops (encoded.py)
-            from .encoded import EncodedImageFolder, collate_encoded
+            from sere_scale.data.encoded import EncodedImageFolder, collate_encoded
             self.dataset, self.collate = EncodedImageFolder(root, transform, seed=seed), collate_encoded
         else:
             self.dataset = ImageFolderSSL(root, transform, seed=seed)
@@ -99,16 +99,16 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1):
     d = cfg.data
     gpu = d.augment == "gpu"
     if gpu:
-        from .encoded import EncodedSSLTransform
+        from sere_scale.data.encoded import EncodedSSLTransform
         transform = EncodedSSLTransform.from_config(cfg)
     else:
         transform = SSLTransform.from_config(cfg)
     if d.shards:  # WebDataset streaming; with augment=gpu it ships the stored bytes (collate_encoded batches)
-        from .shards import ShardLoader
+        from sere_scale.data.shards import ShardLoader
         return ShardLoader(d.shards, transform, d.batch_size, rank, world_size, cfg.train.seed, d.num_workers,
                            worker_timeout_s=d.worker_timeout_s)
     if not d.path:
-        from ..config import ConfigError
+        from sere_scale.config.load import ConfigError
         raise ConfigError("config key 'data.path': set an image folder (or 'data.shards')")
     return FolderLoader(d.path, transform, d.batch_size, rank, world_size, cfg.train.seed, d.num_workers,
                         encoded=gpu, worker_timeout_s=d.worker_timeout_s)

@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from .recipe import IMAGENET_MEAN, IMAGENET_STD, AugmentRecipe, sample_crop  # noqa: F401  (re-exported)
+from sere_scale.data.recipe import IMAGENET_MEAN, IMAGENET_STD, AugmentRecipe, sample_crop  # noqa: F401  (re-exported)
 
 
 def _from_recipe(name: str) -> property:

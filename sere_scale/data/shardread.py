@@ -10,7 +10,7 @@ import logging
 import tarfile
 from collections.abc import Callable, Iterator
 
-from .shardlist import is_local, sample_key
+from sere_scale.data.shardlist import is_local, sample_key
 
 log = logging.getLogger(__name__)
 Sample = dict  # {ext: bytes}

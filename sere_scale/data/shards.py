@@ -32,13 +32,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .corrupt import Corrupt, NoReadableSample, fill_corrupt
-from .shardlist import ShardSet, is_local, resolve_shards
-from .shardplan import batches_per_epoch, stream_batches, stream_order, stream_pieces
-from .shardread import iter_piece
-from .transform import collate_ssl, seed_sample
-from .worker_signals import job_signals_held
-from .workers import DEFAULT_TIMEOUT_S, Workers
+from sere_scale.data.corrupt import Corrupt, NoReadableSample, fill_corrupt
+from sere_scale.data.shardlist import ShardSet, is_local, resolve_shards
+from sere_scale.data.shardplan import batches_per_epoch, stream_batches, stream_order, stream_pieces
+from sere_scale.data.shardread import iter_piece
+from sere_scale.data.transform import collate_ssl, seed_sample
+from sere_scale.data.worker_signals import job_signals_held
+from sere_scale.data.workers import DEFAULT_TIMEOUT_S, Workers
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -245,7 +245,7 @@ class ShardLoader:
     def _collate(self, samples: list) -> dict:
         samples, n_bad = fill_corrupt(samples)
         if self.encoded:
-            from .encoded import collate_encoded
+            from sere_scale.data.encoded import collate_encoded
             out = collate_encoded(samples)
         else:
             out = collate_ssl(samples)

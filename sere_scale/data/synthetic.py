@@ -6,8 +6,8 @@ import random
 
 import torch
 
-from .masking import MaskGenerator
-from .recipe import AugmentRecipe, sample_crop
+from sere_scale.data.masking import MaskGenerator
+from sere_scale.data.recipe import AugmentRecipe, sample_crop
 
 
 def synthetic_batch(cfg, batch_size: int, patch_size: int, seed: int = 0, width: int = 500,
@@ -41,7 +41,7 @@ class SyntheticLoader:
     def __init__(self, cfg, patch_size: int, n_distinct: int = 2, device=None):
         self.batches = [synthetic_batch(cfg, cfg.data.batch_size, patch_size, seed=i) for i in range(n_distinct)]
         if device is not None:
-            from .device import to_device
+            from sere_scale.data.device import to_device
             self.batches = [to_device(b, torch.device(device)) for b in self.batches]
         self.batches_per_epoch = 10**9
 

@@ -7,10 +7,10 @@ from typing import Optional
 
 import torch
 
-from .corrupt import fill_corrupt
-from .masking import MaskGenerator
-from .multicrop import MultiCrop
-from .recipe import AugmentRecipe
+from sere_scale.data.corrupt import fill_corrupt
+from sere_scale.data.masking import MaskGenerator
+from sere_scale.data.multicrop import MultiCrop
+from sere_scale.data.recipe import AugmentRecipe
 
 
 def sample_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
@@ -50,10 +50,10 @@ class SSLTransform:
     @classmethod
     def from_config(cls, cfg) -> "SSLTransform":
         d, il = cfg.data, cfg.image_loss
-        from .fastcrop import FastMultiCrop
+        from sere_scale.data.fastcrop import FastMultiCrop
         crop_cls = FastMultiCrop if d.crop_impl == "fast" else MultiCrop
         mc = crop_cls(recipe=AugmentRecipe.from_config(cfg))
-        from ..arch import patch_size_of
+        from sere_scale.config.arch import patch_size_of
         masks = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect) if il.kind == "ibot" else None
         return cls(mc, patch_size_of(cfg.model), masks)
 

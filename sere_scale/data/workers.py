@@ -29,7 +29,7 @@ import time
 from functools import partial
 from typing import Callable, Iterator, Optional
 
-from .worker_signals import job_signals_held, worker_init
+from sere_scale.data.worker_signals import job_signals_held, worker_init
 
 DEFAULT_TIMEOUT_S = 600.0  # forkserver/spawn workers need seconds to start; one slow batch must not kill a run
 PID_DIR_ENV = "SERE_WORKER_PID_DIR"

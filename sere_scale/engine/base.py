@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..precision import lowp_dtype, resolve_precision
+from sere_scale.engine.precision import lowp_dtype, resolve_precision
 
 
 def ensure_process_group(info) -> None:

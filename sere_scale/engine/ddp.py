@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .base import Engine, apply_ac_and_compile, ema_, load_rng_state, rng_state
-from .params import last_layer_params, param_groups
+from sere_scale.engine.base import Engine, apply_ac_and_compile, ema_, load_rng_state, rng_state
+from sere_scale.engine.params import last_layer_params, param_groups
 
 
 class DDPEngine(Engine):

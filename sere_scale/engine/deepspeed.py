@@ -33,13 +33,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..distributed import ranks_per_node
-from ..precision import lowp_dtype
-from .base import (Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group, load_rng_state,
-                   rng_state)
-from .deepspeed_config import deepspeed_config
-from .deepspeed_readers import DS_TAG, TEACHER_FILE
-from .params import param_groups
+from sere_scale.engine.distributed import ranks_per_node
+from sere_scale.engine.precision import lowp_dtype
+from sere_scale.engine.base import (Engine, apply_ac_and_compile, cast_floating, ema_, ensure_process_group,
+                                    load_rng_state, rng_state)
+from sere_scale.engine.deepspeed_config import deepspeed_config
+from sere_scale.engine.deepspeed_readers import DS_TAG, TEACHER_FILE
+from sere_scale.engine.params import param_groups
 
 log = logging.getLogger("sere_scale")
 
@@ -165,10 +165,10 @@ class DeepSpeedEngine(Engine):
         super().__init__(cfg, student, teacher, method, info)
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from ..capabilities import deepspeed_precision_problem
+        from sere_scale.engine.capabilities import deepspeed_precision_problem
         problem = deepspeed_precision_problem(self.precision)
         if problem:  # instead of DeepSpeed's "Type fp16 is not supported on your device." from every rank
-            from ..config import ConfigError
+            from sere_scale.config.load import ConfigError
             raise ConfigError(f"config key 'train.precision': {problem}; use another train.precision, or "
                               f"engine.backend=ddp/fsdp (torch autocast)")
         # what torchrun would have set, when the ranks came from srun or from nothing (one process): DeepSpeed

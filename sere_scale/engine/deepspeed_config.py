@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..precision import lowp_dtype
+from sere_scale.engine.precision import lowp_dtype
 
 log = logging.getLogger("sere_scale")
 
@@ -30,7 +30,7 @@ def _merge(base: dict, top: dict, path: str = "") -> dict:
 
 def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
     """DeepSpeed's JSON config from ours, with ``engine.deepspeed_config`` (a JSON file) merged on top."""
-    from ..config import ConfigError
+    from sere_scale.config.load import ConfigError
     z = cfg.engine.zero_stage
     zero = {"stage": z, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available(),
             "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}

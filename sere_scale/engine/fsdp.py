@@ -30,10 +30,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..distributed import ranks_per_node
-from ..precision import lowp_dtype
-from .base import Engine, apply_ac_and_compile, ema_, ensure_process_group, rng_state, set_rng_state
-from .params import last_layer_params, param_groups
+from sere_scale.engine.distributed import ranks_per_node
+from sere_scale.engine.precision import lowp_dtype
+from sere_scale.engine.base import Engine, apply_ac_and_compile, ema_, ensure_process_group, rng_state, set_rng_state
+from sere_scale.engine.params import last_layer_params, param_groups
 
 log = logging.getLogger("sere_scale")
 # SERENet returns views (CLS = tokens[:, 0]); the method never modifies model outputs in place.

@@ -15,11 +15,11 @@ STUDENT_READERS: dict[str, Callable[[Path], dict]] = {}
 
 def _builtin_reader(backend: str, weights: str) -> Callable[[Path], dict]:
     if backend == "ddp":
-        from . import ddp as mod
+        from sere_scale.engine import ddp as mod
     elif backend == "fsdp":
-        from . import fsdp as mod
+        from sere_scale.engine import fsdp as mod
     elif backend == "deepspeed":
-        from . import deepspeed_readers as mod
+        from sere_scale.engine import deepspeed_readers as mod
     else:
         extra = sorted({*TEACHER_READERS, *STUDENT_READERS})
         raise ValueError(f"checkpoint written by an unknown backend '{backend}' (known: ddp, fsdp, deepspeed"

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from ..data.evaldata import LabelledFolder, LabelledShards, labelled_dataset
-from ..data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from ..data.worker_signals import job_signals_held
-from ..data.workers import DEFAULT_TIMEOUT_S, Workers
+from sere_scale.data.evaldata import LabelledFolder, LabelledShards, labelled_dataset
+from sere_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from sere_scale.data.worker_signals import job_signals_held
+from sere_scale.data.workers import DEFAULT_TIMEOUT_S, Workers
 
 log = logging.getLogger(__name__)
 __all__ = ["eval_transform", "extract_features", "LabelledFolder", "LabelledShards"]

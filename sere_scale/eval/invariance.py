@@ -25,10 +25,10 @@ from typing import Optional
 
 import torch
 
-from ..data.evaldata import ShardImages, is_shard_spec, iter_rgb
-from ..data.folder import IMG_EXT
-from .relations import ChannelStats, row_corr_distance, row_tv, two_view_relations, view_tokens
-from .views import make_views, parse_strength, view_maker
+from sere_scale.data.evaldata import ShardImages, is_shard_spec, iter_rgb
+from sere_scale.data.folder import IMG_EXT
+from sere_scale.eval.relations import ChannelStats, row_corr_distance, row_tv, two_view_relations, view_tokens
+from sere_scale.eval.views import make_views, parse_strength, view_maker
 
 log = logging.getLogger("sere_scale")
 MEASURE = "mean row correlation distance of the relation scores (1 - Pearson r, off-diagonal)"
@@ -161,8 +161,8 @@ def measure_invariance(backbone, images, cfg, strength="train", image_size: Opti
 
 
 def invariance_main(args) -> int:
-    from ..models.source import load_backbone
-    cfg, backbone = load_backbone(args.checkpoint, args.timm_file, args.arch, args.random_init)
+    from sere_scale.models.source import load_eval_backbone
+    cfg, backbone = load_eval_backbone(args.checkpoint, args.timm_file, args.arch, args.random_init)
     if args.heads:
         cfg.sere.heads = args.heads
     if args.relation_size:
@@ -187,7 +187,7 @@ def hook_backbone(cfg, engine, state: dict, device):
     training-time hooks. Call it under ``torch.random.fork_rng``: building it draws initial weights."""
     backbone = _HOOK_BACKBONES.get(engine)
     if backbone is None:
-        from ..models.backbone import ViTBackbone, create_vit
+        from sere_scale.models.backbone import ViTBackbone, create_vit
         backbone = ViTBackbone(create_vit(cfg.model, cfg.data.global_size, 0.0),
                                mask_token=cfg.image_loss.kind == "ibot", dino_pos_embed=cfg.model.dino_vit).to(device)
         _HOOK_BACKBONES[engine] = backbone

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from .features import extract_features
+from sere_scale.eval.features import extract_features
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def knn_during_training(cfg, engine, step: int, info, teacher_state=None) -> dic
     state = (teacher_state or engine.teacher_state_dict)()
     if not info.is_main:
         return {}
-    from .invariance import hook_backbone
+    from sere_scale.eval.invariance import hook_backbone
     with torch.random.fork_rng(devices=[]):
         backbone = hook_backbone(cfg, engine, state, info.device)
         res = knn_accuracy(backbone, e.knn_train_path, e.val_path, e.eval_size or cfg.data.global_size, e.knn_k,
@@ -73,7 +73,7 @@ def knn_during_training(cfg, engine, step: int, info, teacher_state=None) -> dic
 
 
 def knn_main(args) -> int:
-    from ..models.load import load_teacher
+    from sere_scale.models.load import load_teacher
     cfg, net = load_teacher(args.checkpoint, random_init=args.random_init)
     res = knn_accuracy(net.backbone, args.train_data, args.val_data, cfg.eval.eval_size or cfg.data.global_size,
                        args.k, args.temperature, args.batch_size, num_workers=args.workers)

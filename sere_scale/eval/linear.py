@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.evaldata import source_id
-from .features import extract_features
-from .knn import num_classes
+from sere_scale.data.evaldata import source_id
+from sere_scale.eval.features import extract_features
+from sere_scale.eval.knn import num_classes
 
 DEFAULT_LRS = (0.03, 0.1, 0.3, 1.0, 3.0)
 
@@ -143,7 +143,7 @@ def linear_accuracy(backbone, train_root, val_root, size: int, cache_dir: str | 
 
 
 def linear_main(args) -> int:
-    from ..models.load import load_teacher, resolve_checkpoint
+    from sere_scale.models.load import load_teacher, resolve_checkpoint
     ckpt_dir, run_dir = resolve_checkpoint(args.checkpoint)
     cfg, net = load_teacher(args.checkpoint, random_init=args.random_init)
     out = Path(args.out) if args.out else run_dir / "linear"

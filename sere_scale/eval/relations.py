@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from ..geometry import overlap_boxes, region_aligned_sample
-from ..losses.sere import tokens_to_map
+from sere_scale.geometry.boxes import overlap_boxes, region_aligned_sample
+from sere_scale.losses.sere import tokens_to_map
 
 
 class ChannelStats:

@@ -14,9 +14,9 @@ from typing import Union
 
 from PIL import Image
 
-from ..data.multicrop import MultiCrop
-from ..data.recipe import AugmentRecipe
-from ..data.transform import sample_rng
+from sere_scale.data.multicrop import MultiCrop
+from sere_scale.data.recipe import AugmentRecipe
+from sere_scale.data.transform import sample_rng
 
 Strength = Union[str, float]
 
@@ -69,7 +69,7 @@ def make_views(maker, img: Image.Image, seed: int, index: int) -> dict:
 def overlapping_views(maker, img: Image.Image, seed: int, index: int, max_tries: int = 50) -> dict:
     """The first overlapping view pair of ``make_views(maker, img, seed + k, index)``, k = 0, 1, … (k = 0 is
     the pair ``measure_invariance`` uses for the image at ``index``)."""
-    from ..geometry import overlap_boxes
+    from sere_scale.geometry.boxes import overlap_boxes
     for k in range(max_tries):
         v = make_views(maker, img, seed + k, index)
         if bool(overlap_boxes(v["boxes"][0], v["boxes"][1])[1]):

@@ -1,19 +1,8 @@
-"""Self-relation cross-entropy, the one operation behind both SERE losses.
+"""The self-relation cross-entropy, the one operation behind both SERE losses:
+``relation_cross_entropy`` dispatching to the plain, chunked (memory-bounded softmax) and Triton
+implementations, with their FLOP tallies.
 
-``relation_cross_entropy(student, teacher, student_scale, teacher_scale, weights=None, impl="auto")``
-
-* ``student``: (G, R, Ds), ``teacher``: (G, R, Dt) (Ds and Dt may differ: the channel relation of a local view
-  has fewer tokens than the teacher's global view).
-* logits ``scale * x xᵀ`` (G, R, R); returns the mean over G×R of CE(softmax(teacher row), softmax(student row)),
-  or, with ``weights`` (G,), the weighted mean over groups of the per-group row mean.
-* gradient flows to ``student`` only; all softmaxes are evaluated in fp32.
-
-Implementations (``impl``; see docs/KERNELS.md):
-
-* ``plain``: materialises the (G, R, R) logits; the reference.
-* ``chunked``: row-blocked autograd Function, O(G·block·R) extra memory, recomputes in backward. Any device.
-* ``triton``: fused forward/backward kernels that never build an R×R matrix. CUDA only (or TRITON_INTERPRET=1).
-* ``auto``: ``triton`` for CUDA inputs when triton imports and the dtypes are supported, else ``chunked``.
+Imports: nothing of sere_scale (bottom layer). Imported by: losses, profiling.
 """
 from __future__ import annotations
 
@@ -21,8 +10,8 @@ import contextlib
 
 import torch
 
-from .chunked import relation_ce_rows_chunked
-from .plain import relation_ce_rows, weighted_mean
+from sere_scale.kernels.chunked import relation_ce_rows_chunked
+from sere_scale.kernels.plain import relation_ce_rows, weighted_mean
 
 IMPLS = ("auto", "plain", "chunked", "triton")
 
@@ -38,7 +27,7 @@ def triton_available() -> bool:
 def _triton_rows(student, teacher, student_scale, teacher_scale):
     if not triton_available():
         raise RuntimeError("impl='triton' requested but triton is not installed (pip install 'sere_scale[triton]')")
-    from .triton_relation import relation_ce_rows_triton
+    from sere_scale.kernels.triton_relation import relation_ce_rows_triton
     return relation_ce_rows_triton(student, teacher, student_scale, teacher_scale)
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from . import add_kernel_flops
+from sere_scale.kernels import add_kernel_flops
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

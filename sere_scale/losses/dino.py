@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .centering import CenteredTeacher
+from sere_scale.losses.centering import CenteredTeacher
 
 
 class DINOLoss(CenteredTeacher):

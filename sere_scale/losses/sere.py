@@ -6,8 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ..geometry import overlap_boxes, region_aligned_sample
-from ..kernels import relation_cross_entropy
+from sere_scale.geometry.boxes import overlap_boxes, region_aligned_sample
+from sere_scale.kernels import relation_cross_entropy
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

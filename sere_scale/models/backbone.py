@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..arch import VARIANTS, patch_size_of, timm_kwargs  # noqa: F401  (re-exported: the model's names)
+from sere_scale.config.arch import VARIANTS, patch_size_of, timm_kwargs  # noqa: F401  (re-exported: the model's names)
 
 
 def create_vit(mcfg, img_size: int, drop_path: float) -> nn.Module:

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import differentiable_all_reduce
+from sere_scale.engine.distributed import differentiable_all_reduce
 
 
 class WeightNormLinear(nn.Module):

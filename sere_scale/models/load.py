@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoint import find_latest
-from ..config import config_from_dict
-from ..engine.readers import read_state, read_teacher_state
-from .network import build_network
+from sere_scale.engine.checkpoint import find_latest
+from sere_scale.config.load import config_from_dict
+from sere_scale.engine.readers import read_state, read_teacher_state
+from sere_scale.models.network import build_network
 
 __all__ = ["load_run_config", "load_teacher", "read_state", "read_teacher_state", "resolve_checkpoint"]
 

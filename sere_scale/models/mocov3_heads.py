@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .heads import SyncTokenBatchNorm
+from sere_scale.models.heads import SyncTokenBatchNorm
 
 
 def moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,

@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .backbone import ViTBackbone, create_vit
-from .heads import DINOHead, RelationHeads
-from .mocov3_heads import MoCoV3Head
-from .plan import ParallelPlan
+from sere_scale.models.backbone import ViTBackbone, create_vit
+from sere_scale.models.heads import DINOHead, RelationHeads
+from sere_scale.models.mocov3_heads import MoCoV3Head
+from sere_scale.models.plan import ParallelPlan
 
 
 class SERENet(nn.Module):

@@ -1,6 +1,7 @@
 """A backbone to inspect, from a training checkpoint (any backend) or from an exported timm file.
 
-``load_backbone(checkpoint=..., timm_file=..., arch=...)`` → ``(cfg, ViTBackbone)`` in eval mode on CPU.
+``load_eval_backbone(checkpoint=..., timm_file=..., arch=...)`` → ``(cfg, ViTBackbone)`` in eval mode on CPU (the
+evaluation commands); ``load_backbone(source, weights)`` → the timm ``VisionTransformer`` alone (the public API).
 For a timm file there is no run config: ``cfg`` is the default :class:`Config` with ``model.arch`` set and
 ``data.global_size`` set to the image size the file's position embedding was trained at, so callers read image
 size, relation heads and temperatures from ``cfg`` whatever the source.
@@ -15,8 +16,8 @@ from typing import Optional
 import timm
 import torch
 
-from ..config import Config
-from .backbone import VARIANTS, ViTBackbone, timm_kwargs
+from sere_scale.config.load import Config
+from sere_scale.models.backbone import VARIANTS, ViTBackbone, timm_kwargs
 
 
 def _shapes_from_file(path: Path) -> dict:
@@ -72,7 +73,7 @@ def load_timm_file(file: str | Path, arch: str) -> tuple[Config, ViTBackbone]:
     return cfg, ViTBackbone(vit).eval()
 
 
-def load_backbone(checkpoint: Optional[str] = None, timm_file: Optional[str] = None,
+def load_eval_backbone(checkpoint: Optional[str] = None, timm_file: Optional[str] = None,
                   arch: Optional[str] = None, random_init: bool = False) -> tuple[Config, ViTBackbone]:
     """The backbone of a run / checkpoint folder (its teacher, any backend) or of a timm file.
 
@@ -92,9 +93,38 @@ def load_backbone(checkpoint: Optional[str] = None, timm_file: Optional[str] = N
         return load_timm_file(timm_file, arch)
     if not checkpoint:
         raise ValueError("give --checkpoint (run or checkpoint folder, or a .safetensors file with --arch)")
-    from .load import load_teacher
+    from sere_scale.models.load import load_teacher
     cfg, net = load_teacher(checkpoint, random_init=random_init)
     return cfg, net.backbone.eval()
+
+
+def load_backbone(source: str | Path, weights: str = "teacher", arch: str | None = None) -> torch.nn.Module:
+    """The timm ``VisionTransformer`` of ``source``, in eval mode on CPU, ready for features
+    (``forward_features``, ``forward_intermediates``; no classifier):
+
+    * a run folder, its ``checkpoints/`` folder or one checkpoint folder (any backend): the ``weights``
+      network's backbone (``"teacher"``, the EMA teacher, by default; or ``"student"``);
+    * an exported timm folder (``config.json`` + ``model.safetensors``, ``sere-scale export``);
+    * a ``.safetensors`` / ``.pth`` / ``.bin`` weight file, with ``arch`` (a timm ViT name or a variant such as
+      ``vit_tiny_cpu``);
+    * a timm model name with a weight source: ``"hf-hub:user/repo"`` or ``"local-dir:PATH"``.
+    """
+    text = str(source)
+    if text.startswith(("hf-hub:", "local-dir:")):
+        return timm.create_model(text, pretrained=True, num_classes=0).eval()
+    p = Path(source)
+    if p.is_file():
+        if not arch:
+            raise ValueError(f"'{p}' is a weight file: name its architecture with arch= (a timm ViT name)")
+        return load_timm_file(p, arch)[1].vit.eval()
+    if (p / "config.json").is_file() and not (p / "meta.json").exists() and not (p / "checkpoints").exists():
+        return timm.create_model(f"local-dir:{p.resolve()}", pretrained=True, num_classes=0).eval()
+    from sere_scale.models.load import build_network, load_run_config, read_state, resolve_checkpoint
+    ckpt_dir, run_dir = resolve_checkpoint(p)
+    cfg = load_run_config(run_dir)
+    net = build_network(cfg, teacher=True)  # drop-path 0: the features of eval mode
+    net.load_state_dict(read_state(ckpt_dir, weights))
+    return net.backbone.vit.eval()
 
 
 def add_source_args(p) -> None:

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from ..models.backbone import ViTBackbone, create_vit
-from ..precision import lowp_dtype, resolve_precision
+from sere_scale.models.backbone import ViTBackbone, create_vit
+from sere_scale.engine.precision import lowp_dtype, resolve_precision
 
 
 def backbone_baseline(cfg, device: torch.device, steps: int = 10, warmup: int = 2) -> dict:

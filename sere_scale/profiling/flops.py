@@ -37,7 +37,7 @@ def counting_flops():
     """Yields a one-element list that holds, after the block, the FLOPs of the matmuls/convolutions/attention run
     inside it (forward and backward), the fused Triton relation kernels included (invisible to
     ``FlopCounterMode``; they report their own)."""
-    from ..kernels import tally_kernel_flops
+    from sere_scale.kernels import tally_kernel_flops
     total = [0]
     with tally_kernel_flops() as kernels, FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as fc:
         yield total

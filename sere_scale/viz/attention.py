@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.backbone import ViTBackbone
+from sere_scale.models.backbone import ViTBackbone
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from sere_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 
 PAD = 4
 TITLE_H = 14

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..eval.features import eval_transform
-from .attention import cls_attention, top_mass_mask
-from .draw import compose, draw_box, draw_point, heat_image, overlay, tensor_to_pil
-from ..eval.relations import row_tv, two_view_relations
+from sere_scale.eval.features import eval_transform
+from sere_scale.viz.attention import cls_attention, top_mass_mask
+from sere_scale.viz.draw import compose, draw_box, draw_point, heat_image, overlay, tensor_to_pil
+from sere_scale.eval.relations import row_tv, two_view_relations
 
 VIEW_COLORS = ((255, 64, 64), (64, 128, 255))
 OVERLAP_COLOR = (0, 220, 0)

@@ -8,10 +8,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data.folder import load_rgb
-from ..eval.views import overlapping_views, parse_strength, view_maker
-from .figures import DEFAULT_POINTS, attention_figure, relation_figure
-from ..eval.relations import ChannelStats, view_tokens
+from sere_scale.data.folder import load_rgb
+from sere_scale.eval.views import overlapping_views, parse_strength, view_maker
+from sere_scale.viz.figures import DEFAULT_POINTS, attention_figure, relation_figure
+from sere_scale.eval.relations import ChannelStats, view_tokens
 
 
 def write_pictures(backbone, cfg, images: Sequence[str], out: str | Path, size: Optional[int] = None,
@@ -72,9 +72,9 @@ def parse_points(items: Optional[Sequence[str]]) -> Sequence[Sequence[float]]:
 
 
 def visualize_main(args) -> int:
-    from ..eval.invariance import list_images
-    from ..models.source import load_backbone
-    cfg, backbone = load_backbone(args.checkpoint, args.timm_file, args.arch, args.random_init)
+    from sere_scale.eval.invariance import list_images
+    from sere_scale.models.source import load_eval_backbone
+    cfg, backbone = load_eval_backbone(args.checkpoint, args.timm_file, args.arch, args.random_init)
     if args.max_images and len(args.images) == 1:  # spread over a folder's classes
         images = list_images(args.images[0], args.max_images)
     else:
@@ -91,11 +91,11 @@ def demo_report(run_dir: str | Path, val_dir: str | Path, n_images: int = 4, out
     """The demo's last act: print the self-relation invariance of the trained teacher beside the same backbone
     at random init on ``val_dir``, and write the pictures of ``n_images`` validation images under
     ``run_dir/pictures`` (or ``out``). Returns the two invariance results."""
-    from ..eval.invariance import list_images, measure_invariance
-    from ..models.source import load_backbone
+    from sere_scale.eval.invariance import list_images, measure_invariance
+    from sere_scale.models.source import load_eval_backbone
     results = {}
     for name, rand in (("random-init", True), ("trained", False)):
-        cfg, backbone = load_backbone(str(run_dir), random_init=rand)
+        cfg, backbone = load_eval_backbone(str(run_dir), random_init=rand)
         results[name] = measure_invariance(backbone, list_images(val_dir, n_invariance), cfg, "train")
     print("\nSelf-relation invariance on the validation split (correlation distance between the relations of "
           "two augmented views; lower = more invariant; TV: total-variation distance of the softmaxes):")

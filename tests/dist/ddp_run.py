@@ -6,9 +6,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sere_scale.config import load_config
-from sere_scale.distributed import init_distributed
-from sere_scale.train import train
+from sere_scale.config.load import load_config
+from sere_scale.engine.distributed import init_distributed
+from sere_scale.run.train import train
 
 
 def flat(module):

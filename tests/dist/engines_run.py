@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sere_scale.checkpoint import find_latest
-from sere_scale.config import load_config
-from sere_scale.distributed import init_distributed
+from sere_scale.engine.checkpoint import find_latest
+from sere_scale.config.load import load_config
+from sere_scale.engine.distributed import init_distributed
 from sere_scale.engine import build_engine
-from sere_scale.method import SEREMethod
-from sere_scale.startup import build_parts
-from sere_scale.train import train
+from sere_scale.method.sere_method import SEREMethod
+from sere_scale.run.startup import build_parts
+from sere_scale.run.train import train
 
 
 # ------------------------------------------------------------------------------- gathering (references)

@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .config_resolve import _hint, deep_merge, read_yaml, resolve
-from .config_schema import (  # noqa: F401  (re-exported: the schema is part of config's API)
+from sere_scale.config.resolve import _hint, deep_merge, read_yaml, resolve
+from sere_scale.config.schema import (  # noqa: F401  (re-exported: the schema is part of config's API)
     ConfigError, ModelConfig, DataConfig, ImageLossConfig, SereConfig, OptimConfig, TrainConfig, CheckpointConfig,
     EngineConfig, EvalConfig, WandbConfig, MlflowConfig, LogConfig, Config, _to_plain,
 )
@@ -192,7 +192,7 @@ def _check_arch(arch: str) -> None:
     """``model.arch`` must be one of our named variants or a timm model name (a ``.tag`` suffix allowed)."""
     import timm
 
-    from .arch import VARIANTS
+    from sere_scale.config.arch import VARIANTS
     if arch in VARIANTS or timm.is_model(arch.split(".")[0]):
         return
     close = difflib.get_close_matches(arch, [*VARIANTS, *timm.list_models("*vit*")], n=3, cutoff=0.6)

@@ -5,7 +5,7 @@ and replaces ``latest`` (both atomic renames). A crash at any point leaves the p
 ``latest`` pointing at it; stale ``.tmp`` folders are ignored and cleaned up on the next save.
 
 ``meta.json`` also records the run's id (pruning and ``find_latest(..., run_id=)`` consider only that run's
-checkpoints), the run's config (``resume.py`` checks a resume against it) and the size of every file of the
+checkpoints), the run's config (``run/resume.py`` checks a resume against it) and the size of every file of the
 checkpoint (``verify``: a truncated or missing part marks the checkpoint corrupt). A save that fails on any rank
 (disk full, ...) raises :class:`CheckpointSaveError` naming the folder and the free space, removes the partial
 folder and leaves the previous checkpoint and ``latest`` as they were. ``latest`` never names a pruned folder.
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .distributed import all_reduce_sum, barrier
+from sere_scale.engine.distributed import all_reduce_sum, barrier
 
 
 class CheckpointSaveError(RuntimeError):

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import torch
 
-from . import nonfinite, startup
-from .banner import log_banner, start_banner
-from .config import Config, ConfigError
-from .data.loader import build_train_loader
-from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .engine import build_engine
-from .metrics import MetricsLogger
-from .schedules import build_schedules
-from .step import Batches, StepResult, first_nonfinite, train_step
-from .trackers import build_trackers
-from .trainlog import LiveMFU, LogWindow
-from .watchdog import HANG_MARKER, HangWatchdog
+from sere_scale.run import nonfinite, startup
+from sere_scale.run.banner import log_banner, start_banner
+from sere_scale.config.load import Config, ConfigError
+from sere_scale.data.loader import build_train_loader
+from sere_scale.engine.distributed import DistInfo, all_reduce_sum, init_distributed
+from sere_scale.engine import build_engine
+from sere_scale.run.metrics import MetricsLogger
+from sere_scale.method.schedules import build_schedules
+from sere_scale.run.step import Batches, StepResult, first_nonfinite, train_step
+from sere_scale.run.trackers import build_trackers
+from sere_scale.run.trainlog import LiveMFU, LogWindow
+from sere_scale.run.watchdog import HANG_MARKER, HangWatchdog
 
 log = logging.getLogger("sere_scale")
 
@@ -76,7 +76,7 @@ class Trainer:
             self.loader = loader if loader is not None else startup.build_loader(cfg, info, build_train_loader)
             augment = None
             if cfg.data.augment == "gpu":
-                from .data.encoded import DeviceAugment
+                from sere_scale.data.encoded import DeviceAugment
                 augment = DeviceAugment.from_config(cfg, info.device, info.rank)
             self.accum = cfg.train.grad_accum
             self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
@@ -202,8 +202,8 @@ class Trainer:
         if not (cfg.eval.invariance_every or cfg.eval.knn_every):
             return
         self.watchdog.extend("evaluation hooks")
-        from .eval.invariance import invariance_during_training
-        from .eval.knn import knn_during_training
+        from sere_scale.eval.invariance import invariance_during_training
+        from sere_scale.eval.knn import knn_during_training
         teacher_state = functools.cache(self.engine.teacher_state_dict)  # one (collective) gather for both
         rec.update(invariance_during_training(cfg, self.engine, step, self.info, teacher_state))
         rec.update(knn_during_training(cfg, self.engine, step, self.info, teacher_state))

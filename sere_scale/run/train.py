@@ -6,12 +6,12 @@ import math
 import os
 from pathlib import Path
 
-from . import nonfinite
-from .checkpoint import CheckpointSaveError
-from .config import Config
-from .distributed import DistInfo, cleanup, init_distributed
-from .trainer import REQUEUE_MARKER, Preemption, Trainer
-from .watchdog import HangWatchdog
+from sere_scale.run import nonfinite
+from sere_scale.engine.checkpoint import CheckpointSaveError
+from sere_scale.config.load import Config
+from sere_scale.engine.distributed import DistInfo, cleanup, init_distributed
+from sere_scale.run.trainer import REQUEUE_MARKER, Preemption, Trainer
+from sere_scale.run.watchdog import HangWatchdog
 
 log = logging.getLogger("sere_scale")
 

@@ -1,4 +1,4 @@
-"""The configuration's schema: every section and key with its type and default (``config.py`` loads, merges,
+"""The configuration's schema: every section and key with its type and default (``config/load.py`` loads, merges,
 overrides and validates it). docs and presets name these keys."""
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ class MlflowConfig:
 
 @dataclass
 class LogConfig:
-    """Experiment trackers, rank 0 only (sere_scale/trackers.py); metrics.jsonl and TensorBoard always."""
+    """Experiment trackers, rank 0 only (sere_scale/run/trackers.py); metrics.jsonl and TensorBoard always."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     hooks: list[str] = field(default_factory=list)  # generic trackers: "package.module:factory", factory(cfg)

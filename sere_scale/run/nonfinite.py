@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint import read_meta
+from sere_scale.engine.checkpoint import read_meta
 
 
 class NonFiniteLoss(RuntimeError):

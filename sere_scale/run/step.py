@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data.device import to_device
-from .distributed import all_reduce_sum
-from .nonfinite import BufferSnapshot
+from sere_scale.data.device import to_device
+from sere_scale.engine.distributed import all_reduce_sum
+from sere_scale.run.nonfinite import BufferSnapshot
 
 
 def no_timer(name: str):

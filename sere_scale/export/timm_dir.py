@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from .models.backbone import timm_kwargs
+from sere_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from sere_scale.models.backbone import timm_kwargs
 
 PREFIX = "backbone.vit."
 FORMATS = ("timm-dir", "safetensors")
@@ -79,7 +79,7 @@ def export_timm(checkpoint: str | Path, out: str | Path, verify: bool = True, fm
     """Write the ``weights`` (teacher: EMA, default; or student) backbone of ``checkpoint`` (run or
     checkpoint folder, any backend) to ``out`` in ``fmt`` (default: by the target's name); returns
     ``{"file", "format", "arch", "kwargs", "pretrained_cfg", "step", "call"}``."""
-    from .models.load import load_run_config, read_state, resolve_checkpoint
+    from sere_scale.models.load import load_run_config, read_state, resolve_checkpoint
     fmt = fmt or default_format(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}': one of {list(FORMATS)}")

@@ -1,4 +1,4 @@
-"""Experiment trackers (rank 0 only), fed by :class:`sere_scale.metrics.MetricsLogger`.
+"""Experiment trackers (rank 0 only), fed by :class:`sere_scale.run.metrics.MetricsLogger`.
 
 Each tracker gets the resolved config and the start-up banner once (``start``), every logged record's
 scalars at its step (``log``) and ``finish(exit_reason)`` when training ends — done, preempted (SIGTERM:
@@ -98,7 +98,7 @@ def _require(module: str, key: str) -> None:
     else:
         missing = importlib.util.find_spec(module) is None
     if missing:
-        from .config import ConfigError
+        from sere_scale.config.load import ConfigError
         raise ConfigError(f"config key '{key}': the {module} package is not installed "
                           f"(pip install 'sere_scale[{module}]')")
 

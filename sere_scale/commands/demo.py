@@ -10,20 +10,31 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+def _args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--data", default="demo_data")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+    return ap
 
-    from .data.demo_data import write_digits
+
+def add_parser(sub) -> None:
+    p = _args(sub.add_parser("demo", help="pretrain a tiny ViT on the embedded digits and evaluate it (make demo)"))
+    p.set_defaults(func=run)
+
+
+def main(argv=None) -> int:
+    return run(_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv))
+
+
+def run(args) -> int:
+
+    from sere_scale.data.demo_data import write_digits
     data = write_digits(args.data)
-    from .config import load_config
+    from sere_scale.config.load import load_config
     cfg = load_config(args.config, [f"data.path={data / 'train'}", *args.overrides])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
@@ -35,9 +46,9 @@ def main(argv=None) -> int:
         print(f"training failed with exit code {rc}", file=sys.stderr)
         return rc
 
-    from .eval.knn import knn_accuracy
-    from .eval.linear import linear_accuracy
-    from .models.load import load_teacher, resolve_checkpoint
+    from sere_scale.eval.knn import knn_accuracy
+    from sere_scale.eval.linear import linear_accuracy
+    from sere_scale.models.load import load_teacher, resolve_checkpoint
     results, linear = {}, {}
     for name, rand in (("random-init", True), ("trained", False)):
         c, net = load_teacher(cfg.output_dir, random_init=rand)
@@ -56,7 +67,7 @@ def main(argv=None) -> int:
         print(f"  {name:12s} top-1 {r['top1']:6.2f}%   top-5 {r['top5']:6.2f}%   (lr {r['lr']:g})")
     gain = linear["trained"]["top1"] - linear["random-init"]["top1"]
     print(f"  SERE pretraining gain: {gain:+.2f} points")
-    from .viz.write import demo_report
+    from sere_scale.viz.write import demo_report
     demo_report(cfg.output_dir, data / "val")
     return 0
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from ..data.loader import build_train_loader
-from ..data.synthetic import SyntheticLoader
-from ..distributed import DistInfo, init_distributed
-from ..models.backbone import patch_size_of
-from ..schedules import build_schedules
-from ..startup import build_parts
-from ..step import Batches, train_step
-from .flops import count_flops, device_peak
-from .timer import RegionTimer
+from sere_scale.data.loader import build_train_loader
+from sere_scale.data.synthetic import SyntheticLoader
+from sere_scale.engine.distributed import DistInfo, init_distributed
+from sere_scale.models.backbone import patch_size_of
+from sere_scale.method.schedules import build_schedules
+from sere_scale.run.startup import build_parts
+from sere_scale.run.step import Batches, train_step
+from sere_scale.profiling.flops import count_flops, device_peak
+from sere_scale.profiling.timer import RegionTimer
 
 BREAKDOWN = ("data_wait", "host_to_device", "teacher_forward", "student_forward", "losses", "backward",
              "optimizer", "ema")
@@ -43,7 +43,7 @@ class _Stepper:
                   else build_train_loader(cfg, info.rank, info.world_size))
         augment = None
         if cfg.data.augment == "gpu" and not synthetic:
-            from ..data.encoded import DeviceAugment
+            from sere_scale.data.encoded import DeviceAugment
             augment = DeviceAugment.from_config(cfg, info.device, info.rank)
         self.batches = Batches(loader, {"epoch": 0, "batch": 0}, info.device, augment)
         spe = max(loader.batches_per_epoch, 1) if not synthetic else 1000

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointManager
-from .config import Config, ConfigError, save_config, validate_model
-from .distributed import DistInfo, all_reduce_sum
-from .rundir import RunDirError, RunLock, check_fresh, move_aside
-from .resume import check_resume, load_resume_point, set_aside
+from sere_scale.engine.checkpoint import CheckpointManager
+from sere_scale.config.load import Config, ConfigError, save_config, validate_model
+from sere_scale.engine.distributed import DistInfo, all_reduce_sum
+from sere_scale.run.rundir import RunDirError, RunLock, check_fresh, move_aside
+from sere_scale.run.resume import check_resume, load_resume_point, set_aside
 
 log = logging.getLogger("sere_scale")
 
@@ -42,7 +42,7 @@ def check_run_dir(run_dir: Path, resume: bool, move_old: bool, info: DistInfo) -
 
 
 def validate_built(cfg: Config, student) -> None:
-    from .models.backbone import patch_size_of
+    from sere_scale.models.backbone import patch_size_of
     bb = student.backbone
     validate_model(cfg, bb.embed_dim, bb.num_heads, patch_size_of(cfg.model))
 
@@ -60,8 +60,8 @@ def seed_everything(seed: int, rank: int) -> None:
 def build_model(cfg: Config, method_cls=None):
     """Student, teacher (same seed on every rank: identical initial weights) and the method
     (``method_cls(cfg, num_heads)``, ``SEREMethod`` by default); the config checked against the built model."""
-    from .method import SEREMethod
-    from .models.network import build_student_teacher
+    from sere_scale.method.sere_method import SEREMethod
+    from sere_scale.models.network import build_student_teacher
     torch.manual_seed(cfg.train.seed)
     student, teacher = build_student_teacher(cfg)
     validate_built(cfg, student)
@@ -70,7 +70,7 @@ def build_model(cfg: Config, method_cls=None):
 
 def build_parts(cfg: Config, info: DistInfo, method_cls=None, engine_factory=None):
     """``build_model``, each rank's seed, then the engine: (method, engine), for the profiler and benchmarks."""
-    from .engine import build_engine
+    from sere_scale.engine import build_engine
     student, teacher, method = build_model(cfg, method_cls)
     seed_everything(cfg.train.seed, info.rank)
     return method, (engine_factory or build_engine)(cfg, student, teacher, method, info)

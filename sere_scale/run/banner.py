@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import ranks_per_node
+from sere_scale.engine.distributed import ranks_per_node
 
 log = logging.getLogger("sere_scale")
 

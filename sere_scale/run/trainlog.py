@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from .step import StepResult, first_nonfinite
+from sere_scale.run.step import StepResult, first_nonfinite
 
 
 class LiveMFU:
@@ -21,7 +21,7 @@ class LiveMFU:
             yield
             return
         self._tried = True
-        from .profiling.flops import counting_flops, device_peak
+        from sere_scale.profiling.flops import counting_flops, device_peak
         self.peak, _ = device_peak(self.device, self.precision)
         with counting_flops() as total:
             yield

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import ChannelRelationLoss, DINOLoss, IBOTPatchLoss, SpatialRelationLoss
-from .losses.mocov3 import MoCoV3Loss
-from .losses.sere import tokens_to_map
+from sere_scale.losses import ChannelRelationLoss, DINOLoss, IBOTPatchLoss, SpatialRelationLoss
+from sere_scale.losses.mocov3 import MoCoV3Loss
+from sere_scale.losses.sere import tokens_to_map
 
 
 def _no_timer(name: str):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
+from sere_scale.config.load import ConfigError
 
 log = logging.getLogger("sere_scale")
 LOCK = ".lock"

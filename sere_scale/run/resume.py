@@ -24,8 +24,8 @@ from typing import Optional
 
 import yaml
 
-from .checkpoint import checkpoints, read_meta, verify
-from .config import Config, ConfigError
+from sere_scale.engine.checkpoint import checkpoints, read_meta, verify
+from sere_scale.config.load import Config, ConfigError
 
 log = logging.getLogger("sere_scale")
 

@@ -18,7 +18,7 @@ from typing import Optional
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: Optional[int] = None,
                  trackers: Optional[list] = None):
-        from .trackers import Trackers
+        from sere_scale.run.trackers import Trackers
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
@@ -46,7 +46,7 @@ class MetricsLogger:
         if self.tb is not None:
             import yaml
 
-            from .trackers import _flat
+            from sere_scale.run.trackers import _flat
             text = yaml.safe_dump(config, sort_keys=False)
             self.tb.add_text("config", "\n".join("    " + ln for ln in text.splitlines()), 0)
             hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(config).items()}
