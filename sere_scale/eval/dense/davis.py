@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .davis_data import annotation_paths, check_davis_root, read_label_png, sequence_names
+from sere_scale.eval.dense.davis_data import annotation_paths, check_davis_root, read_label_png, sequence_names
 
 __all__ = ["jaccard", "seg2bmap", "dilate_disk", "boundary_f", "db_statistics", "score_sequence", "evaluate_davis",
            "GLOBAL_COLUMNS"]

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ...data.recipe import IMAGENET_MEAN, IMAGENET_STD
-from .davis_data import (annotation_paths, check_davis_root, frame_paths, read_label_png, sequence_names,
-                         write_label_png)
-from .propagation import iter_propagation
+from sere_scale.data.recipe import IMAGENET_MEAN, IMAGENET_STD
+from sere_scale.eval.dense.davis_data import (annotation_paths, check_davis_root, frame_paths, read_label_png,
+                                              sequence_names, write_label_png)
+from sere_scale.eval.dense.propagation import iter_propagation
 
 __all__ = ["resized_size", "load_frame", "labels_to_onehot", "norm_mask", "soft_to_labels", "propagate_and_write",
            "evaluate_sequences"]
