@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 __all__ = ["propagate_video", "iter_propagation"]
 
-# affinity entries per query chunk (float32: 64 MiB for the affinity, as much again for the window mask)
+# affinity entries per query chunk (float32: 64 MiB for the affinity; the window mask is n_ctx times smaller)
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -59,10 +59,10 @@ def _propagate_frame(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tens
     for start in range(0, hw, chunk):
         stop = min(start + chunk, hw)
         aff = torch.exp(query[start:stop] @ keys.T / temperature)  # (chunk, n_ctx·h·w)
-        if neighborhood > 0:
-            aff *= _window_mask(rows, cols, start, stop, neighborhood).repeat(1, n_ctx)
+        if neighborhood > 0:  # the same window in every context frame
+            aff.view(stop - start, n_ctx, hw).mul_(_window_mask(rows, cols, start, stop, neighborhood)[:, None])
         kth = torch.topk(aff, k=topk, dim=1).values.min(dim=1, keepdim=True).values
-        aff[aff < kth] = 0  # ties at the k-th value are kept, as DINO's aff[aff < tk_val_min] = 0
+        aff.masked_fill_(aff < kth, 0)  # ties at the k-th value are kept, as DINO's aff[aff < tk_val_min] = 0
         aff /= aff.sum(dim=1, keepdim=True)
         out[start:stop] = aff @ labels
     return out
