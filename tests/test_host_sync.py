@@ -1,4 +1,4 @@
-"""Host synchronisations per non-logging training step: the number documented in ``step.py`` (and
+"""Host synchronisations per non-logging training step: the number documented in ``run/step.py`` (and
 docs/ARCHITECTURE.md): one (the finiteness + preemption vote) whatever ``train.grad_accum``; ``accum`` for an
 engine that votes before every micro-batch's backward (``check_every_micro_batch``, DeepSpeed).
 
@@ -110,7 +110,7 @@ def test_the_counter_sees_a_sync(monkeypatch):
     float(y)
     assert counter.n == 0
     assert step_module._vote(torch.isfinite(y), False, 1) == (True, False)
-    assert counter.n == 1 and counter.where == ["tolist in step.py:_vote"]
+    assert counter.n == 1 and counter.where == ["tolist in run/step.py:_vote"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
