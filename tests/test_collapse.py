@@ -201,3 +201,27 @@ def test_stop_before_any_checkpoint_leaves_no_resume_point(tmp_path, small_data)
     assert sorted(p.name for p in ck.iterdir()) == ["step_00000001.collapsed"]
     ev = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert (ev["event"], ev["kind"], ev["step"], ev["window_start"]) == ("collapse", "uniform", 2, 1)
+
+
+@pytest.mark.slow
+def test_stop_is_taken_by_every_rank_together(tmp_path, small_data):
+    """2 ranks (torchrun, gloo): 2 steps per epoch, uniform from step 3 (epoch 1), window 2: both ranks exit 4 at
+    step 4, ``latest`` names step 2 (held from pruning), step 3's checkpoint is set aside."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+    from tests.tiny import tiny_overrides
+    run, rc_log = tmp_path / "run", tmp_path / "rc.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist" / "cli_rc.py"), "train",
+           *tiny_overrides(run, small_data, "train.epochs=4", "image_loss.warmup_teacher_temp_epochs=2",
+                           "image_loss.teacher_temp=100", "train.collapse_window=2", "train.on_collapse=stop",
+                           "checkpoint.every_steps=1", "checkpoint.keep=1", "train.hang_timeout_s=120")]
+    res = subprocess.run(cmd, env=subprocess_env(RC_LOG=str(rc_log)), capture_output=True, text=True, timeout=300)
+    assert sorted(rc_log.read_text().split()) == ["0", "1", "4", "4"], res.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert [(e["kind"], e["step"], e["window_start"]) for e in collapse_events(run)] == [("uniform", 4, 3)]
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_00000002", "step_00000003.collapsed"]
