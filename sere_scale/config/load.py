@@ -150,6 +150,11 @@ def validate(cfg: Config) -> Config:
     req(t.epochs >= 1, "train.epochs", "must be >= 1")
     req(t.log_every >= 1, "train.log_every", "must be >= 1 (steps between metric records)")
     req(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+    req(t.collapse_window >= 1, "train.collapse_window", "must be >= 1 (logged steps in a row)")
+    req(0 < t.collapse_uniform <= 1, "train.collapse_uniform", "must be in (0, 1] (a fraction of ln K)")
+    req(0 <= t.collapse_one_hot < t.collapse_uniform, "train.collapse_one_hot",
+        "must be in [0, train.collapse_uniform) (a fraction of ln K)")
+    req(t.collapse_feature_std >= 0, "train.collapse_feature_std", "must be >= 0")
     req(cfg.sere.heads is None or cfg.sere.heads >= 1, "sere.heads",
         "must be >= 1 (leave it unset for the backbone's attention heads)")
     req(t.loss_scale_init >= 1 and math.frexp(t.loss_scale_init)[0] == 0.5, "train.loss_scale_init",

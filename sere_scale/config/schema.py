@@ -113,6 +113,16 @@ class TrainConfig:
     loss_scale_window: int = 1000
     nonfinite: Literal["stop", "skip"] = "stop"
     max_consecutive_skips: int = 10  # nonfinite=skip: this many skipped steps in a row stop the run (exit 3)
+    # collapse alarm (run/collapse.py), judged on the figures of the logged steps: warn (a loud warning, an
+    # event in metrics.jsonl and the trackers), stop (also exit 4, resume point: the newest checkpoint from before
+    # the collapse window) or ignore. A kind fires when its figure is beyond its threshold for collapse_window
+    # logged steps in a row: uniform teacher_entropy >= collapse_uniform * ln K, one_hot teacher_entropy <=
+    # collapse_one_hot * ln K (K = image_loss.out_dim; dino/ibot only), features feature_std <= collapse_feature_std
+    on_collapse: Literal["warn", "stop", "ignore"] = "warn"
+    collapse_window: int = 5
+    collapse_uniform: float = 0.98
+    collapse_one_hot: float = 0.02
+    collapse_feature_std: float = 0.05
     progress: bool = True
     log_mfu: bool = True  # count one step's FLOPs at start; log mfu and data_wait_pct
     # hang watchdog (watchdog.py): a rank that completes no optimiser step for this long dumps every thread's

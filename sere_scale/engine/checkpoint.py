@@ -82,6 +82,7 @@ class CheckpointManager:
                  device=None):
         self.root = Path(run_dir) / "checkpoints"
         self.keep, self.is_main, self.meta, self.device = keep, is_main, dict(meta or {}), device
+        self.hold: set[str] = set()  # folder names never pruned (the collapse alarm holds a pre-collapse one)
 
     def _agree(self, failed: Optional[BaseException]) -> bool:
         """True if some rank failed (one all-reduce in place of a barrier, so a failing rank cannot hang the others)."""
@@ -130,10 +131,7 @@ class CheckpointManager:
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                ptr = self.root / "latest.tmp"
-                ptr.write_text(name)
-                os.replace(ptr, self.root / "latest")
-                _fsync_dir(self.root)
+                self.set_latest(name)
             except OSError as e:
                 err = e
         if failed or self._agree(err):
@@ -155,11 +153,21 @@ class CheckpointManager:
         ptr = self.root / "latest"
         current = ptr.read_text().strip() if ptr.exists() else None
         for p in done[: max(len(done) - self.keep, 0)]:
-            if p.name != current:  # 'latest' never names a removed folder
+            if p.name != current and p.name not in self.hold:  # 'latest' never names a removed folder
                 shutil.rmtree(p, ignore_errors=True)
 
     def latest(self) -> Optional[Path]:
         return find_latest(self.root, self.meta.get("run_id"))
+
+    def set_latest(self, name: Optional[str]) -> None:
+        """Point ``latest`` at the folder ``name`` (atomic rename), or remove it (None). Rank 0."""
+        ptr = self.root / "latest.tmp"
+        if name is None:
+            (self.root / "latest").unlink(missing_ok=True)
+        else:
+            ptr.write_text(name)
+            os.replace(ptr, self.root / "latest")
+        _fsync_dir(self.root)
 
 
 def checkpoints(root: str | os.PathLike, run_id: Optional[str] = None) -> list[Path]:

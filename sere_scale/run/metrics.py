@@ -1,7 +1,7 @@
 """Run metrics (rank 0): one JSON object per logged step in ``metrics.jsonl`` (each with ``time``, Unix
 seconds), TensorBoard scalars, and the experiment trackers of :mod:`.trackers`. A run (or resumed segment)
 starts with one ``"event": "start"`` record holding the start-up banner (:mod:`.banner`); TensorBoard gets
-the resolved config as text and hparams.
+the resolved config as text and hparams. The collapse alarm (:mod:`.collapse`) adds ``"event": "collapse"`` records.
 
 ``metrics.jsonl`` is strict JSON: a non-finite figure (NaN, ±inf) is written as ``null`` and its key listed in
 the record's ``"nonfinite"`` field, e.g. ``{"loss": null, ..., "nonfinite": ["loss"]}``.
@@ -67,6 +67,18 @@ class MetricsLogger:
                     self.tb.add_scalar(f"train/{k}", v, step)
         self.trackers.log(record)
 
+    def event(self, record: dict, scalars: dict) -> None:
+        """An ``"event"`` record (``record`` holds ``event`` and ``step``) in ``metrics.jsonl``; ``scalars`` (e.g.
+        ``{"collapse": 1}``) to TensorBoard and the trackers at its step."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(strict_json({"step": record["step"], "time": time.time(), **record}) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, record["step"])
+        self.trackers.log({"step": record["step"], **scalars})
+
     def close(self, exit_reason: str = "done") -> None:
         self.trackers.finish(exit_reason)
         if self.tb is not None:
@@ -110,7 +122,8 @@ def _parse(line: str) -> Optional[dict]:
 
 
 def read_metrics(run_dir: str | Path, events: bool = False) -> list[dict]:
-    """The step records of ``metrics.jsonl`` (with ``events=True`` also the ``"event"`` records: start)."""
+    """The step records of ``metrics.jsonl`` (with ``events=True`` also the ``"event"`` records: start,
+    collapse)."""
     p = Path(run_dir) / "metrics.jsonl"
     recs = [r for ln in p.read_text().splitlines() if (r := _parse(ln)) is not None] if p.exists() else []
     return recs if events else [r for r in recs if "event" not in r]

@@ -140,10 +140,11 @@ def load_resume_point(engine, run_dir: Path, cfg: Config, world_size: int, loade
                                f"({', '.join(p.name for p in corrupt)} are corrupt); start afresh with --move-old")
 
 
-def set_aside(corrupt: list[Path]) -> None:
-    """Rename skipped corrupt checkpoints to ``<name>.corrupt`` (kept for inspection, never loaded or pruned)."""
+def set_aside(corrupt: list[Path], why: str = "corrupt") -> None:
+    """Rename checkpoints to ``<name>.<why>`` (kept for inspection, never loaded or pruned): the skipped corrupt
+    ones, or (``collapsed``) those the collapse alarm wrote inside a collapse window."""
     for ck in corrupt:
-        dst = ck.with_name(ck.name + ".corrupt")
+        dst = ck.with_name(f"{ck.name}.{why}")
         if not dst.exists():
             ck.rename(dst)
-            log.warning("renamed the corrupt checkpoint %s to %s", ck, dst.name)
+            log.warning("renamed the %s checkpoint %s to %s", why, ck, dst.name)

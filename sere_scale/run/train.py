@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from sere_scale.run import nonfinite
+from sere_scale.run.collapse import CollapseStop
 from sere_scale.engine.checkpoint import CheckpointSaveError
 from sere_scale.config.load import Config
 from sere_scale.engine.distributed import DistInfo, cleanup, init_distributed
@@ -16,8 +17,10 @@ from sere_scale.run.watchdog import HangWatchdog
 log = logging.getLogger("sere_scale")
 
 EXIT_NONFINITE = 3
+EXIT_COLLAPSE = 4  # train.on_collapse=stop fired ('latest': the newest checkpoint from before the collapse window)
 EXIT_REQUEUE = 124  # exit code after a preemption checkpoint (slurm/ templates requeue on it)
-__all__ = ["EXIT_NONFINITE", "EXIT_REQUEUE", "REQUEUE_MARKER", "NonFiniteLoss", "main_train", "train"]
+__all__ = ["EXIT_COLLAPSE", "EXIT_NONFINITE", "EXIT_REQUEUE", "REQUEUE_MARKER", "CollapseStop", "NonFiniteLoss",
+           "main_train", "train"]
 
 
 NonFiniteLoss = nonfinite.NonFiniteLoss
@@ -52,6 +55,10 @@ def main_train(cfg: Config, resume: bool, move_old: bool = False, **inject) -> i
         log.error("%s", e)
         cleanup()
         return EXIT_NONFINITE
+    except CollapseStop as e:
+        log.error("%s", e)
+        cleanup()
+        return EXIT_COLLAPSE
     except CheckpointSaveError as e:
         log.error("%s", e)
         cleanup()

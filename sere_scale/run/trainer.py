@@ -1,6 +1,6 @@
 """The Trainer: built from the config (loader, method and engine injectable), runs ``fit``: ``train_step``
 (``step.py``, the one definition of a step), then the run's hooks: the ``train.nonfinite`` policy, maybe log
-(and evaluate), maybe checkpoint. Never branches on the backend."""
+(and evaluate, and judge collapse: ``collapse.py``), maybe checkpoint. Never branches on the backend."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +14,7 @@ import torch
 
 from sere_scale.run import nonfinite, startup
 from sere_scale.run.banner import log_banner, start_banner
+from sere_scale.run.collapse import CollapseAlarm
 from sere_scale.config.load import Config, ConfigError
 from sere_scale.data.loader import build_train_loader
 from sere_scale.engine.distributed import DistInfo, all_reduce_sum, init_distributed
@@ -109,6 +110,7 @@ class Trainer:
                                                                                      cfg.train.max_steps)
         self.window = LogWindow(cfg.data.batch_size * info.world_size * self.accum)
         self.mfu = LiveMFU(info.device, self.engine.precision) if cfg.train.log_mfu else None
+        self.collapse = CollapseAlarm(cfg, info, self.metrics, self.ckpt)  # train.on_collapse
         self.last_record: dict = {}
         self.n_consecutive = 0
         self.pbar = None
@@ -195,6 +197,7 @@ class Trainer:
             log.info("step %d/%d loss %.4f (image %.4f spatial %.4f channel %.4f) %.1f img/s", step, self.total,
                      rec["loss"], rec["loss_image"], rec["loss_spatial"], rec["loss_channel"], rec["img_per_s"])
         self.window.reset()
+        self.collapse.after_log(step, rec)
 
     def maybe_eval(self, step: int, rec: dict) -> None:
         """At logging steps: the invariance and k-NN hooks (``eval.invariance_every`` / ``eval.knn_every``)."""
