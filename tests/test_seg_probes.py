@@ -158,7 +158,8 @@ def test_run_segprobe_driver(tmp_path):
                          ignore_index=255, arch="vit_tiny_cpu")
     assert again["IoU"] == res["IoU"] and again["aAcc"] == res["aAcc"]
     lin = run_segprobe(vit, root, method="linear", size=32, crop=16, iters=2, batch_size=2, num_classes=3,
-                       ignore_index=255, inference="slide")
+                       ignore_index=255, inference="slide", layers=2)
     assert lin["protocol"]["name"] == "linear" and lin["protocol"]["stride"] == 10
+    assert lin["protocol"]["layers"] == 2 and len(lin["IoU"]) == 3
     with pytest.raises(ValueError, match="method"):
         run_segprobe(vit, root, method="knn", num_classes=3, ignore_index=255)

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ...data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from sere_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 
 
 def unwrap_vit(model: nn.Module) -> nn.Module:
@@ -149,8 +149,8 @@ def iterate(dataset: torch.utils.data.Dataset, num_workers: int, what: str, batc
     held, batch timeout naming ``what``)."""
     from torch.utils.data import DataLoader
 
-    from ...data.worker_signals import job_signals_held
-    from ...data.workers import DEFAULT_TIMEOUT_S, Workers
+    from sere_scale.data.worker_signals import job_signals_held
+    from sere_scale.data.workers import DEFAULT_TIMEOUT_S, Workers
     workers = Workers(num_workers, DEFAULT_TIMEOUT_S, what)
     dl = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, collate_fn=collate,
                     generator=generator, **workers.kwargs(persistent=False))

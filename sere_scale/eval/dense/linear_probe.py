@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
-from .features import ResizedPairs, iterate, resize_labels, resize_short, scores_to_label_size, to_tensor
+from sere_scale.eval.dense.features import (ResizedPairs, iterate, resize_labels, resize_short, scores_to_label_size,
+                                             to_tensor)
 
 CROP_SCALE, CROP_RATIO = (0.25, 1.0), (3 / 4, 4 / 3)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .features import ResizedPairs, iterate, pad_to_multiple, scores_to_label_size
+from sere_scale.eval.dense.features import ResizedPairs, iterate, pad_to_multiple, scores_to_label_size
 
 DEFAULT_MEMORY = 102_400
 DEFAULT_K = 30
@@ -95,9 +95,12 @@ class PatchBank:
                     query_chunk: int = 1024, bank_chunk: int = 16384) -> torch.Tensor:
         """Class scores (Q, K) of L2-normalised ``queries``: Σ softmax(cos / temperature) · histogram over each
         query's ``k`` nearest bank patches."""
-        sim, idx = chunked_topk(queries, self.features, k, query_chunk, bank_chunk)
-        weights = torch.softmax(sim.float() / temperature, dim=1)
-        return torch.einsum("qk,qkc->qc", weights, self.hists[idx].float())
+        out = []
+        for q0 in range(0, queries.shape[0], query_chunk):  # the (chunk, k, K) gathered histograms stay bounded
+            sim, idx = chunked_topk(queries[q0:q0 + query_chunk], self.features, k, query_chunk, bank_chunk)
+            weights = torch.softmax(sim.float() / temperature, dim=1)
+            out.append(torch.einsum("qk,qkc->qc", weights, self.hists[idx].float()))
+        return torch.cat(out)
 
 
 @torch.no_grad()

@@ -22,11 +22,13 @@ from typing import Optional, Union
 
 import torch.nn as nn
 
-from .features import patch_features, patch_size_of, unwrap_vit
-from .layouts import find_dataset
-from .linear_probe import cache_features, linear_evaluate, train_linear, train_linear_cached
-from .metrics import SegmentationMeter
-from .nn_probe import DEFAULT_K, DEFAULT_MEMORY, DEFAULT_TEMPERATURE, build_bank, nn_evaluate
+from sere_scale.eval.dense.features import patch_features, patch_size_of, unwrap_vit
+from sere_scale.eval.dense.layouts import find_dataset
+from sere_scale.eval.dense.linear_probe import (cache_features, linear_evaluate, train_linear,
+                                                train_linear_cached)
+from sere_scale.eval.dense.metrics import SegmentationMeter
+from sere_scale.eval.dense.nn_probe import (DEFAULT_K, DEFAULT_MEMORY, DEFAULT_TEMPERATURE, build_bank,
+                                            nn_evaluate)
 
 METHODS = ("linear", "linear-cached", "nn")
 
@@ -34,7 +36,7 @@ METHODS = ("linear", "linear-cached", "nn")
 def _backbone(backbone_or_run, arch: Optional[str]) -> nn.Module:
     if isinstance(backbone_or_run, nn.Module):
         return backbone_or_run
-    from ...models.source import load_backbone
+    from sere_scale.models.source import load_backbone
     return load_backbone(checkpoint=str(backbone_or_run), arch=arch)[1]
 
 
