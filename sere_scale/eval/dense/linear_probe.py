@@ -10,7 +10,7 @@ configs), linear warm-up from lr·1e-6 over ``warmup`` iterations, then poly (po
   aspect 3/4-4/3) scaled to ``crop × crop`` and flips it with probability ½ — the mask alike with nearest
   neighbours; the backbone runs on every crop.
 * ``linear-cached`` (:func:`train_linear_cached`): no augmentation; the maps of the resized whole images are
-  computed once (kept on the CPU in float16, with uint8/int16 labels) and the head trains on them. Images of
+  computed once (kept on the CPU in float16, with uint8 or int32 labels) and the head trains on them. Images of
   different sizes form one BatchNorm batch by concatenating their flattened maps (the same statistics as a batch
   of equal-sized maps). Fast, but holds the whole split's maps in memory.
 
@@ -123,8 +123,8 @@ def train_linear(features_fn, patch: int, channels: int, ds, size: int, crop: in
 
 @torch.no_grad()
 def cache_features(features_fn, ds, size: int, device="cpu", num_workers: int = 0):
-    """(float16 CPU maps (C, h, w), resized labels (H', W') in uint8/int16) of every image of ``ds``."""
-    dtype = torch.uint8 if max(ds.num_classes, ds.ignore_index) < 256 and ds.ignore_index >= 0 else torch.int16
+    """(float16 CPU maps (C, h, w), resized labels (H', W'): uint8 when they fit, else int32) of each image."""
+    dtype = torch.uint8 if ds.num_classes <= 256 and 0 <= ds.ignore_index < 256 else torch.int32
     maps, labels = [], []
     for x, lab, _, _ in iterate(ResizedPairs(ds, size), num_workers, f"segmentation data '{ds.root}'"):
         maps.append(features_fn(x[None].to(device))[0].half().cpu())
