@@ -46,7 +46,7 @@ from sere_scale.eval.dense.segprobe import run_segprobe  # noqa: E402
 def build_model(arch: str):
     import timm
 
-    from sere_scale.models.backbone import VARIANTS
+    from sere_scale.config.arch import VARIANTS
     name, kw = VARIANTS.get(arch, (arch, {}))
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kw).eval()

@@ -37,7 +37,7 @@ def _backbone(backbone_or_run, arch: Optional[str]) -> nn.Module:
     if isinstance(backbone_or_run, nn.Module):
         return backbone_or_run
     from sere_scale.models.source import load_backbone
-    return load_backbone(checkpoint=str(backbone_or_run), arch=arch)[1]
+    return load_backbone(backbone_or_run, arch=arch)
 
 
 def _json_safe(x):
@@ -59,9 +59,10 @@ def run_segprobe(backbone_or_run: Union[nn.Module, str, Path], data_root, method
                  stride: Optional[int] = None, seed: int = 0, num_workers: int = 0) -> dict:
     """Train (or build) the probe on the ``train`` split of ``data_root`` and score the ``val`` split.
 
-    ``backbone_or_run``: a ViTBackbone / timm VisionTransformer, or a run / checkpoint folder or timm weight file
-    (with ``arch``) for ``models.source.load_backbone``. ``crop`` (default ``size``): training crops of
-    ``linear`` and the windows of ``inference="slide"`` (``stride`` default 2/3 crop)."""
+    ``backbone_or_run``: a ViTBackbone / timm VisionTransformer, or anything ``sere_scale.load_backbone`` reads
+    (run / checkpoint folder: its EMA teacher; exported timm folder; weight file with ``arch``; ``hf-hub:``).
+    ``crop`` (default ``size``): training crops of ``linear`` and the windows of ``inference="slide"``
+    (``stride`` default 2/3 crop)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got '{method}'")
     t0 = time.perf_counter()
