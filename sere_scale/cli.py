@@ -19,6 +19,8 @@ COMMANDS = [
     "sere_scale.commands.export",
     "sere_scale.commands.config",
     "sere_scale.commands.demo",
+    "sere_scale.commands.segprobe",
+    "sere_scale.commands.davis",
 ]
 
 

@@ -33,11 +33,11 @@ from sere_scale.eval.dense.nn_probe import (DEFAULT_K, DEFAULT_MEMORY, DEFAULT_T
 METHODS = ("linear", "linear-cached", "nn")
 
 
-def _backbone(backbone_or_run, arch: Optional[str]) -> nn.Module:
+def _backbone(backbone_or_run, arch: Optional[str], weights: str = "teacher") -> nn.Module:
     if isinstance(backbone_or_run, nn.Module):
         return backbone_or_run
     from sere_scale.models.source import load_backbone
-    return load_backbone(backbone_or_run, arch=arch)
+    return load_backbone(backbone_or_run, weights=weights, arch=arch)
 
 
 def _json_safe(x):
@@ -56,17 +56,18 @@ def run_segprobe(backbone_or_run: Union[nn.Module, str, Path], data_root, method
                  ignore_index: Optional[int] = None, out=None, device="cpu", *, arch: Optional[str] = None,
                  k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE, lr: float = 1e-3,
                  weight_decay: float = 1e-4, warmup: int = 1500, schedule: str = "poly", inference: str = "whole",
-                 stride: Optional[int] = None, seed: int = 0, num_workers: int = 0) -> dict:
+                 stride: Optional[int] = None, seed: int = 0, num_workers: int = 0, weights: str = "teacher") -> dict:
     """Train (or build) the probe on the ``train`` split of ``data_root`` and score the ``val`` split.
 
     ``backbone_or_run``: a ViTBackbone / timm VisionTransformer, or anything ``sere_scale.load_backbone`` reads
-    (run / checkpoint folder: its EMA teacher; exported timm folder; weight file with ``arch``; ``hf-hub:``).
+    (run / checkpoint folder: its EMA teacher, or ``weights="student"``; exported timm folder; weight file with
+    ``arch``; ``hf-hub:``).
     ``crop`` (default ``size``): training crops of ``linear`` and the windows of ``inference="slide"``
     (``stride`` default 2/3 crop)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got '{method}'")
     t0 = time.perf_counter()
-    model = _backbone(backbone_or_run, arch).to(device).eval()
+    model = _backbone(backbone_or_run, arch, weights).to(device).eval()
     vit, patch = unwrap_vit(model), patch_size_of(model)
     channels = vit.embed_dim * layers
     train_ds = find_dataset(data_root, "train", num_classes, ignore_index)

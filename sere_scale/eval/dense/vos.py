@@ -26,7 +26,7 @@ from sere_scale.eval.dense.davis_data import (annotation_paths, check_davis_root
 from sere_scale.eval.dense.propagation import iter_propagation
 
 __all__ = ["resized_size", "load_frame", "labels_to_onehot", "norm_mask", "soft_to_labels", "propagate_and_write",
-           "evaluate_sequences"]
+           "evaluate_sequences", "run_davis"]
 
 
 def resized_size(height: int, width: int, patch_size: int, short_side: int = 480) -> tuple[int, int]:
@@ -153,3 +153,39 @@ def evaluate_sequences(davis_root, subset: str, feature_fn: Callable[[torch.Tens
         propagate_and_write(jpgs, anns[jpgs[0].stem], feature_fn, out_dir, patch_size, short_side, sequence=seq,
                             **propagation)
     return names
+
+
+def run_davis(backbone_or_run, davis_root, out_dir, subset: str = "val", *, weights: str = "teacher",
+              arch: str | None = None, short_side: int = 480, n_last_frames: int = 7, topk: int = 5,
+              temperature: float = 0.1, neighborhood: int = 12, device: str = "cpu") -> dict:
+    """Propagate every sequence of ``subset`` with the last-layer patch tokens of ``backbone_or_run`` (a ViT, or
+    anything ``sere_scale.load_backbone`` reads: a run's teacher by default), write the PNGs to ``out_dir`` and
+    score them (``davis.evaluate_davis``: the CSVs land in ``out_dir``). Returns the scores with ``protocol``;
+    also written to ``out_dir/davis.json``."""
+    import json
+    import time
+
+    from sere_scale.eval.dense.davis import evaluate_davis
+    from sere_scale.eval.dense.features import patch_features, patch_size_of
+    if isinstance(backbone_or_run, torch.nn.Module):
+        model = backbone_or_run
+    else:
+        from sere_scale.models.source import load_backbone
+        model = load_backbone(backbone_or_run, weights=weights, arch=arch)
+    model = model.to(device).eval()
+    patch = patch_size_of(model)
+
+    def feature_fn(frame: torch.Tensor) -> torch.Tensor:
+        return patch_features(model, frame[None])[0].permute(1, 2, 0)
+
+    t0 = time.perf_counter()
+    names = evaluate_sequences(davis_root, subset, feature_fn, out_dir, patch, short_side, n_last_frames=n_last_frames,
+                               topk=topk, temperature=temperature, neighborhood=neighborhood, device=device)
+    res = evaluate_davis(davis_root, out_dir, subset)
+    res["protocol"] = {"name": "dino-label-propagation", "subset": subset, "sequences": len(names),
+                       "short_side": short_side, "patch_size": patch, "n_last_frames": n_last_frames, "topk": topk,
+                       "temperature": temperature, "neighborhood": neighborhood, "features": "last layer, CLS dropped",
+                       "score": "DAVIS-2017 semi-supervised (J region IoU, F boundary, first/last frame excluded)"}
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    Path(out_dir, "davis.json").write_text(json.dumps(res, indent=1))
+    return res
