@@ -47,3 +47,25 @@ def test_davis_propagates_then_scores_and_evaluate_only_scores_any_folder(tmp_pa
     res = _json_line(capsys)
     assert res["J&F-Mean"] == 1.0 and res["J-Recall"] == 1.0 and res["F-Decay"] == 0.0
     assert main(["davis", "--data", str(root)]) == 2  # neither --checkpoint nor --evaluate-only
+
+
+def test_dense_miou_during_training_equals_the_command_on_that_step(tmp_path, digits_root, capsys):
+    from sere_scale.config.load import ConfigError, load_config
+    from sere_scale.run.train import train
+    from tests.tiny import tiny_config
+    seg = toy_folder(tmp_path / "seg", n_train=2, n_val=2)
+    run = tmp_path / "run"
+    train(tiny_config(run, digits_root / "train", "train.max_steps=3", "checkpoint.every_steps=2",
+                      "eval.dense_every=2", f"eval.dense_train_path={seg}", "eval.dense_num_classes=3",
+                      "eval.dense_memory_size=40"))
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "step" in r and "loss" in r]
+    assert [("dense_miou" in r) for r in recs] == [False, True, False]
+    assert main(["segprobe", "--checkpoint", str(run / "checkpoints" / "step_00000002"), "--data", str(seg),
+                 "--method", "nn", "--size", "32", "--memory-size", "40", "--num-classes", "3",
+                 "--ignore-index", "255"]) == 0
+    res = _json_line(capsys)
+    assert abs(100 * res["mIoU"] - recs[1]["dense_miou"]) < 1e-6
+    import pytest
+    with pytest.raises(ConfigError, match="dense_train_path"):
+        load_config(None, ["eval.dense_every=5"])

@@ -173,6 +173,12 @@ def validate(cfg: Config) -> Config:
     req(0 <= cfg.image_loss.mask_prob <= 1, "image_loss.mask_prob", "must be in [0, 1]")
     req(cfg.optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
     req(cfg.eval.knn_every >= 0, "eval.knn_every", "must be >= 0 (0: off)")
+    req(cfg.eval.dense_every >= 0, "eval.dense_every", "must be >= 0 (0: off)")
+    req(cfg.eval.dense_every == 0 or cfg.eval.dense_train_path, "eval.dense_train_path",
+        "must be set when eval.dense_every > 0 (segmentation data: VOC, ADE20K, Cityscapes or images/ + masks/)")
+    req(cfg.eval.dense_memory_size > 0, "eval.dense_memory_size", "must be > 0")
+    req(cfg.eval.dense_size >= 0 and cfg.eval.dense_num_classes >= 0, "eval.dense_size",
+        "eval.dense_size and eval.dense_num_classes must be >= 0 (0: default / a known layout)")
     for k in ("knn_train_path", "val_path"):
         req(cfg.eval.knn_every == 0 or getattr(cfg.eval, k), f"eval.{k}",
             "must be set when eval.knn_every > 0 (labelled image folder or shard spec)")

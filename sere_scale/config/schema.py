@@ -158,6 +158,13 @@ class EvalConfig:
     invariance_every: int = 0  # steps between self-relation invariance measurements of the teacher (0: off)
     invariance_data: str = ""  # image folder or shard spec for them (default: val_path)
     invariance_images: int = 64  # images per measurement
+    dense_every: int = 0  # steps between nearest-neighbour segmentation probes of the teacher (0: off): dense_miou
+    dense_train_path: str = ""  # segmentation data whose train split is the memory bank (VOC/ADE20K/Cityscapes/generic)
+    dense_val_path: str = ""  # segmentation data whose val split is scored (default: dense_train_path)
+    dense_size: int = 0  # short side of its images (0: eval_size)
+    dense_memory_size: int = 10240  # patches in the memory bank
+    dense_num_classes: int = 0  # generic layout (images/ + masks/) only: the number of classes
+    dense_ignore_index: int = 255  # generic layout only: the label ignored
 
 
 @dataclass

@@ -200,16 +200,19 @@ class Trainer:
         self.collapse.after_log(step, rec)
 
     def maybe_eval(self, step: int, rec: dict) -> None:
-        """At logging steps: the invariance and k-NN hooks (``eval.invariance_every`` / ``eval.knn_every``)."""
+        """At logging steps: the invariance, k-NN and dense hooks (``eval.invariance_every`` / ``knn_every`` /
+        ``dense_every``)."""
         cfg = self.cfg
-        if not (cfg.eval.invariance_every or cfg.eval.knn_every):
+        if not (cfg.eval.invariance_every or cfg.eval.knn_every or cfg.eval.dense_every):
             return
         self.watchdog.extend("evaluation hooks")
+        from sere_scale.eval.dense.segprobe import dense_during_training
         from sere_scale.eval.invariance import invariance_during_training
         from sere_scale.eval.knn import knn_during_training
-        teacher_state = functools.cache(self.engine.teacher_state_dict)  # one (collective) gather for both
+        teacher_state = functools.cache(self.engine.teacher_state_dict)  # one (collective) gather for all
         rec.update(invariance_during_training(cfg, self.engine, step, self.info, teacher_state))
         rec.update(knn_during_training(cfg, self.engine, step, self.info, teacher_state))
+        rec.update(dense_during_training(cfg, self.engine, step, self.info, teacher_state))
         del teacher_state  # frees the gathered copy
         self.watchdog.beat(step)
 

@@ -56,12 +56,14 @@ def run_segprobe(backbone_or_run: Union[nn.Module, str, Path], data_root, method
                  ignore_index: Optional[int] = None, out=None, device="cpu", *, arch: Optional[str] = None,
                  k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE, lr: float = 1e-3,
                  weight_decay: float = 1e-4, warmup: int = 1500, schedule: str = "poly", inference: str = "whole",
-                 stride: Optional[int] = None, seed: int = 0, num_workers: int = 0, weights: str = "teacher") -> dict:
+                 stride: Optional[int] = None, seed: int = 0, num_workers: int = 0, weights: str = "teacher",
+                 val_root=None) -> dict:
     """Train (or build) the probe on the ``train`` split of ``data_root`` and score the ``val`` split.
 
     ``backbone_or_run``: a ViTBackbone / timm VisionTransformer, or anything ``sere_scale.load_backbone`` reads
     (run / checkpoint folder: its EMA teacher, or ``weights="student"``; exported timm folder; weight file with
     ``arch``; ``hf-hub:``).
+    ``val_root``: where the ``val`` split is (default ``data_root``).
     ``crop`` (default ``size``): training crops of ``linear`` and the windows of ``inference="slide"``
     (``stride`` default 2/3 crop)."""
     if method not in METHODS:
@@ -71,7 +73,7 @@ def run_segprobe(backbone_or_run: Union[nn.Module, str, Path], data_root, method
     vit, patch = unwrap_vit(model), patch_size_of(model)
     channels = vit.embed_dim * layers
     train_ds = find_dataset(data_root, "train", num_classes, ignore_index)
-    val_ds = find_dataset(data_root, "val", num_classes, ignore_index)
+    val_ds = find_dataset(val_root or data_root, "val", num_classes, ignore_index)
     crop = int(crop or size)
 
     def features_fn(x):
@@ -117,3 +119,28 @@ def run_segprobe(backbone_or_run: Union[nn.Module, str, Path], data_root, method
         out.mkdir(parents=True, exist_ok=True)
         (out / "segprobe.json").write_text(json.dumps(res, indent=1))
     return res
+
+
+def dense_during_training(cfg, engine, step: int, info, teacher_state=None) -> dict:
+    """The training loop's hook (``eval.dense_every`` > 0): at the first logged step at or after each multiple of
+    ``dense_every``, the nearest-neighbour probe's mIoU (in %, like ``knn_top1``) of the teacher backbone, with
+    the ``train`` split of ``eval.dense_train_path`` as the memory bank (``eval.dense_memory_size`` patches) and
+    the ``val`` split of ``eval.dense_val_path`` (default: the same root) as the queries, images at short side
+    ``eval.dense_size`` (default ``eval.eval_size``). As the k-NN hook: every rank calls it (gathering the
+    teacher may be collective), rank 0 alone evaluates, the model's random streams are left untouched."""
+    import torch
+
+    e = cfg.eval
+    if e.dense_every <= 0 or step % e.dense_every >= cfg.train.log_every:
+        return {}
+    state = (teacher_state or engine.teacher_state_dict)()
+    if not info.is_main:
+        return {}
+    from sere_scale.eval.invariance import hook_backbone
+    with torch.random.fork_rng(devices=[]):
+        backbone = hook_backbone(cfg, engine, state, info.device)
+        res = run_segprobe(backbone, e.dense_train_path, "nn", e.dense_size or e.eval_size or cfg.data.global_size,
+                           memory_size=e.dense_memory_size, num_classes=e.dense_num_classes or None,
+                           ignore_index=e.dense_ignore_index if e.dense_num_classes else None, device=info.device,
+                           val_root=e.dense_val_path or None)
+    return {"dense_miou": 100.0 * res["mIoU"] if res["mIoU"] is not None else float("nan")}
