@@ -88,6 +88,11 @@ def parse_profile(res: dict, step: Step) -> dict:
     return out
 
 
+def parse_tables(res: dict, step: Step) -> dict:
+    """A benchmark that prints markdown tables: keep its table lines."""
+    return {"tables": [ln for ln in step_output(res, step.name).splitlines() if ln.startswith("|")]}
+
+
 def parse_deepspeed(res: dict, step: Step) -> dict:
     lines = [ln for ln in step_output(res, step.name).splitlines() if ln.startswith("deepspeed ")]
     return {"version": lines[-1].split()[1] if lines else None}
@@ -158,6 +163,13 @@ def plan(device: str, py: str, work: Path) -> list:
                 *(["--train-rate", f"{rate:.1f}"] if rate else [])]
     add("gpu_multicrop", multicrop_argv, 100, 30, parse_file_json("json"), title="GPU multi-crop throughput",
         json=work / "gpu_multicrop.json")
+
+    dense = (["--arch", "vit_base_patch16_224", "--size", "512", "--batch", "8", "--n-train", "32", "--n-val", "16",
+              "--iters", "200", "--memory", "102400", "--banks", "10000,100000,1000000", "--dim", "768",
+              "--classes", "21"] if cuda else ["--size", "64", "--n-train", "2", "--n-val", "1", "--iters", "2",
+                                               "--memory", "64", "--banks", "1000", "--repeats", "1"])
+    add("dense_eval", [py, "benchmarks/dense_eval.py", "--device", device, *dense], 90, 30, parse_tables,
+        title="Dense evaluation: patch features, probes, nn retrieval memory (docs/EVAL.md)")
 
     if cuda:
         j = work / "engine_ddp_bf16_compile.json"
