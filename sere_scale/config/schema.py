@@ -180,7 +180,7 @@ class WandbConfig:
 @dataclass
 class MlflowConfig:
     enabled: bool = False
-    tracking_uri: str = ""  # default: MLflow's own (MLFLOW_TRACKING_URI or ./mlruns)
+    tracking_uri: str = ""  # default: MLflow's own (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd)
     experiment: str = ""
     run_name: str = ""  # default: the output folder's name
 
@@ -191,6 +191,8 @@ class LogConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     hooks: list[str] = field(default_factory=list)  # generic trackers: "package.module:factory", factory(cfg)
+    # a configured tracker that cannot start: "raise" (config error, exit 2, before anything is written) or "warn"
+    tracker_errors: Literal["raise", "warn"] = "raise"
 
 
 @dataclass

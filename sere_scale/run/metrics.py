@@ -14,15 +14,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from sere_scale.run.trackers import metric_names
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: Optional[int] = None,
-                 trackers: Optional[list] = None):
+                 trackers=None):
         from sere_scale.run.trackers import Trackers
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
-        self.trackers = Trackers(trackers if enabled and trackers else [])
+        self.trackers = trackers if enabled and isinstance(trackers, Trackers) else Trackers([])
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -62,9 +64,9 @@ class MetricsLogger:
             f.write(strict_json(record) + "\n")
         if self.tb is not None:
             step = record.get("step", 0)
-            for k, v in record.items():
+            for k, v in record.items():  # non-finite values too (the trackers get finite ones only)
                 if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+                    self.tb.add_scalar(*metric_names({k: v}).popitem(), step)
         self.trackers.log(record)
 
     def event(self, record: dict, scalars: dict) -> None:

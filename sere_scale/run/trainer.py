@@ -69,7 +69,7 @@ class Trainer:
                  method_cls=None, engine_factory=None):
         self.cfg, self.info = cfg, info or init_distributed()
         info, run_dir = self.info, Path(cfg.output_dir)
-        self.trackers = build_trackers(cfg) if info.is_main else []  # a missing package fails before any write
+        self.trackers = build_trackers(cfg, resume) if info.is_main else []  # a tracker that cannot start fails here
         self.lock = startup.check_run_dir(run_dir, resume, move_old, info)
         try:
             student, teacher, self.method = startup.build_model(cfg, method_cls)
