@@ -25,6 +25,9 @@ class ModelConfig:
     # timm's antialiased resampling, and the CLS token starts from a truncated normal of std 0.02 (timm: 1e-6).
     # Off by default so run folders written before the key rebuild the model they trained.
     dino_vit: bool = False
+    # start from published or earlier weights (not a resume: step 0): timm:NAME, hf-hub:USER/REPO, local-dir:PATH,
+    # a .safetensors/.pth file, or run:PATH[#teacher|#student] (heads too); models/init_from.py
+    init_from: str = ""
 
 
 @dataclass

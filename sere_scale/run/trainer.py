@@ -73,6 +73,7 @@ class Trainer:
         self.lock = startup.check_run_dir(run_dir, resume, move_old, info)
         try:
             student, teacher, self.method = startup.build_model(cfg, method_cls)
+            self.init_report = startup.init_weights(cfg, student, teacher, run_dir, resume)  # model.init_from
             startup.seed_everything(cfg.train.seed, info.rank)
             self.loader = loader if loader is not None else startup.build_loader(cfg, info, build_train_loader)
             augment = None
@@ -173,14 +174,16 @@ class Trainer:
     # ------------------------------------------------------------------ hooks
     def _start(self) -> None:
         info, cfg = self.info, self.cfg
+        if info.is_main:  # the banner first: the progress bar then starts on a line of its own
+            banner = start_banner(cfg, info, self.engine, self.loader, self.total, self.steps_per_epoch,
+                                  self.state["step"], self.resumed_from)
+            if self.init_report:
+                banner["init_from"] = self.init_report
+            log_banner(banner)
+            self.metrics.start(banner, cfg.to_dict())
         if info.is_main and cfg.train.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.pbar = tqdm(total=self.total, initial=self.state["step"], desc="train", dynamic_ncols=True)
-        if info.is_main:
-            banner = start_banner(cfg, info, self.engine, self.loader, self.total, self.steps_per_epoch,
-                                  self.state["step"], self.resumed_from)
-            log_banner(banner)
-            self.metrics.start(banner, cfg.to_dict())
         self.window.reset()
 
     def maybe_log(self, step: int, s: dict, res: StepResult) -> None:
