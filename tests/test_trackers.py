@@ -99,7 +99,7 @@ def test_hook_finishes_on_preemption(tmp_path, data16, monkeypatch):
 
 def test_tensorboard_gets_the_config_as_text_and_hparams(tmp_path, data16):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    cfg = tiny_config(tmp_path / "run", data16, "train.max_steps=1", "data.batch_size=4")
+    cfg = tiny_config(tmp_path / "run", data16, "train.max_steps=2", "data.batch_size=4")
     train(cfg)
     values = {}  # tag -> (plugin name, summary value) over every event file of the run
     for f in glob.glob(str(tmp_path / "run" / "tb" / "**" / "events.out.tfevents.*"), recursive=True):
@@ -110,13 +110,25 @@ def test_tensorboard_gets_the_config_as_text_and_hparams(tmp_path, data16):
     plugin, text = values["config/text_summary"]
     assert plugin == "text"
     body = text.tensor.string_val[0].decode()
-    assert "batch_size: 4" in body and "max_steps: 1" in body
+    assert "batch_size: 4" in body and "max_steps: 2" in body
     assert values["_hparams_/experiment"][0] == "hparams" and values["_hparams_/session_start_info"][0] == "hparams"
     from tensorboard.plugins.hparams import plugin_data_pb2
     start = plugin_data_pb2.HParamsPluginData.FromString(
         values["_hparams_/session_start_info"][1].metadata.plugin_data.content).session_start_info
     assert start.hparams["data.batch_size"].number_value == 4
     assert start.hparams["model.arch"].string_value == "vit_tiny_cpu"
+    # the HParams table's metric columns: the finished run's final figures
+    exp = plugin_data_pb2.HParamsPluginData.FromString(
+        values["_hparams_/experiment"][1].metadata.plugin_data.content).experiment
+    names = {m.name.tag for m in exp.metric_infos}
+    assert {"final/loss", "final/lr", "final/loss_spatial"} <= names
+    last = read_metrics(cfg.output_dir)[-1]
+    from tensorboard.util.tensor_util import make_ndarray
+
+    def number(v):
+        return v.simple_value if v.WhichOneof("value") == "simple_value" else make_ndarray(v.tensor).item()
+    assert number(values["final/loss"][1]) == pytest.approx(last["loss"], rel=1e-6)
+    assert number(values["final/lr"][1]) == pytest.approx(last["lr"], rel=1e-6)
 
 
 def test_real_wandb_offline_run_records_config_and_scalars(tmp_path, data16):

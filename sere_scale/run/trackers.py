@@ -206,7 +206,9 @@ class Trackers:
 
     def __init__(self, entries: list, runs: TrackerRuns | None = None, errors: str = "raise"):
         self.entries, self.runs, self.errors, self.finished = list(entries), runs, errors, False
-        self.last = {key: (runs.get(key).get("last_step", 0) if runs else 0) for key, _, _ in self.entries}
+        # the last step each tracker holds from earlier segments of the run: not sent again (later steps of this
+        # segment are, even twice at one step: an event record at a logged step)
+        self.held = {key: (runs.get(key).get("last_step", 0) if runs else 0) for key, _, _ in self.entries}
 
     def _drop(self, entry, method: str, e: Exception) -> None:
         log.warning("tracker %s.%s failed (%s: %s): dropped", type(entry[2]).__name__, method, type(e).__name__, e)
@@ -220,7 +222,7 @@ class Trackers:
         for entry in list(self.entries):
             key, config_key, t = entry
             if fresh and self.runs is not None and self.runs.data.pop(key, None) is not None:
-                self.last[key] = 0
+                self.held[key] = 0
                 if hasattr(t, "previous"):
                     t.previous = {}
             try:
@@ -243,16 +245,17 @@ class Trackers:
         try:
             for entry in list(self.entries):
                 key = entry[0]
-                if step <= self.last.get(key, 0):
+                if step <= self.held.get(key, 0):
                     continue  # the tracker holds this step already (logged after the checkpoint we resumed from)
                 try:
                     entry[2].log(dict(named), step)
                 except Exception as e:  # noqa: BLE001 — a tracker outage must not stop training
                     self._drop(entry, "log", e)
                     continue
-                self.last[key], sent = step, True
+                sent = True
                 if self.runs is not None:
-                    self.runs.data.setdefault(key, {})["last_step"] = step
+                    mem = self.runs.data.setdefault(key, {})
+                    mem["last_step"] = max(step, mem.get("last_step", 0))
         finally:  # also when a tracker's call ends the process (SystemExit): what was sent is remembered
             if sent and self.runs is not None:
                 self.runs.write()
