@@ -95,7 +95,7 @@ def source_state(spec: str, cfg) -> tuple[dict, bool, dict]:
     SERENet keys; otherwise the keys are a timm ViT's."""
     from sere_scale.config.arch import timm_kwargs
     where: dict = {"source": spec}
-    with torch.random.fork_rng():  # building a timm source model draws random numbers: keep the run's own
+    with torch.random.fork_rng(devices=[]):  # building a timm source model draws random numbers: keep the run's
         if spec.startswith("run:"):
             from sere_scale.models.load import read_state, resolve_checkpoint
             path, _, weights = spec[len("run:"):].partition("#")

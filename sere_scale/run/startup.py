@@ -28,6 +28,20 @@ def _agree(err: BaseException | None, info: DistInfo) -> None:
         raise err
 
 
+def build_trackers_agreed(cfg: Config, resume: bool, info: DistInfo):
+    """Rank 0's experiment trackers (``trackers.build_trackers``: each checked before anything is written), every
+    rank raising if one cannot start (the others are not left waiting in the next collective)."""
+    from sere_scale.run.trackers import build_trackers
+    trackers, err = [], None
+    if info.is_main:
+        try:
+            trackers = build_trackers(cfg, resume)
+        except ConfigError as e:
+            err = e
+    _agree(err, info)
+    return trackers
+
+
 def check_run_dir(run_dir: Path, resume: bool, move_old: bool, info: DistInfo) -> RunLock:
     """Read-only: refuse a folder holding another run (fresh start) or in use by a live run."""
     lock, err = RunLock(run_dir), None

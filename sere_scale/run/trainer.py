@@ -22,7 +22,6 @@ from sere_scale.engine import build_engine
 from sere_scale.run.metrics import MetricsLogger
 from sere_scale.method.schedules import build_schedules
 from sere_scale.run.step import Batches, StepResult, first_nonfinite, train_step
-from sere_scale.run.trackers import build_trackers
 from sere_scale.run.trainlog import LiveMFU, LogWindow
 from sere_scale.run.watchdog import HANG_MARKER, HangWatchdog
 
@@ -69,7 +68,7 @@ class Trainer:
                  method_cls=None, engine_factory=None):
         self.cfg, self.info = cfg, info or init_distributed()
         info, run_dir = self.info, Path(cfg.output_dir)
-        self.trackers = build_trackers(cfg, resume) if info.is_main else []  # a tracker that cannot start fails here
+        self.trackers = startup.build_trackers_agreed(cfg, resume, info)  # a tracker that cannot start fails here
         self.lock = startup.check_run_dir(run_dir, resume, move_old, info)
         try:
             student, teacher, self.method = startup.build_model(cfg, method_cls)
