@@ -171,5 +171,8 @@ def test_missing_and_unexpected_keys_are_reported_and_bad_shapes_refused(tmp_pat
         _trainer(tmp_path / "b", data16, f"model.init_from={tmp_path / 'bad.safetensors'}")
     with pytest.raises(ConfigError, match=r"model.init_from.*cannot tell.*run:PATH"):
         _trainer(tmp_path / "c", data16, "model.init_from=somewhere")
+    (tmp_path / "torn.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match=r"model.init_from.*cannot read the weights of .*torn.safetensors"):
+        _trainer(tmp_path / "c", data16, f"model.init_from={tmp_path / 'torn.safetensors'}")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
     assert json.loads(json.dumps(t.init_report))  # recorded in metrics.jsonl as is

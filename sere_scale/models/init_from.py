@@ -144,7 +144,12 @@ def _grid(state: dict, key: str) -> list | None:
 def init_from(spec: str, cfg, student: torch.nn.Module, teacher: torch.nn.Module) -> dict:
     """Load ``spec``'s weights into ``student`` and ``teacher`` (same values); returns the report."""
     from timm.models.vision_transformer import checkpoint_filter_fn
-    state, whole, where = source_state(spec, cfg)
+    try:
+        state, whole, where = source_state(spec, cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 — timm, torch, safetensors (SafetensorError) could not read it
+        raise _error(f"cannot read the weights of '{spec}': {type(e).__name__}: {e}") from e
     vit_state = {k[len(VIT):]: v for k, v in state.items() if k.startswith(VIT)} if whole else state
     before = _grid(vit_state, "pos_embed")
     vit_state = checkpoint_filter_fn(vit_state, student.backbone.vit)  # formats, position grid, patch size
