@@ -24,7 +24,9 @@ def run_dir(tmp_path_factory, digits_root):
     (run / "linear" / "linear.json").write_text(json.dumps(
         {"top1": 41.5, "top5": 90.25, "lr": 0.1, "holdout_top1": {"0.1": 40.0}, "n_train": 16, "n_val": 16}))
     (run / "linear" / "linear_random_init.json").write_text(json.dumps({"top1": 3.0}))
-    (run / "dense.json").write_text(json.dumps({"miou": 12.5, "n_images": 8}))
+    (run / "seg").mkdir()  # sere-scale segprobe --out RUN/seg: fractions, per-class lists, a protocol
+    (run / "seg" / "segprobe.json").write_text(json.dumps(
+        {"mIoU": 0.125, "aAcc": 0.5, "IoU": [0.1, 0.15], "protocol": {"name": "nn"}, "seconds": {"fit": 1.0}}))
     return run
 
 
@@ -61,7 +63,8 @@ def test_export_writes_a_hub_model_card_and_pushes_the_folder(run_dir, tmp_path,
     assert ("linear probe top1", 41.5) in got and ("linear probe top5", 90.25) in got
     assert ("k-NN (during training) knn_top1", knn["knn_top1"]) in got
     assert not any("lr" in n or "n_train" in n for n, _ in got) and 3.0 not in {v for _, v in got}
-    assert "| dense | miou | 12.5 | dense.json |" in card.text
+    assert "| dense | mIoU | 0.125 | seg/segprobe.json |" in card.text and "| dense | aAcc | 0.5 |" in card.text
+    assert "seconds" not in card.text and "| dense | IoU" not in card.text
     assert "ibot+sere" in card.text and "timm.create_model('hf-hub:me/sere-test', pretrained=True)" in card.text
     assert "`vit_small_patch16_224` (num_classes=0, img_size=32, patch_size=8" in card.text
     # what would be sent: a private model repository, then the folder with the card, config and weights

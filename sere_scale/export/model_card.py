@@ -6,9 +6,11 @@ the run started from a Hub model, a ``sere_recipe`` block, and a ``model-index``
 body with the architecture, the pretraining recipe and data size from the run's config and start-up banner, the
 evaluation figures the run folder holds and the call that loads the model. Evaluation figures found:
 
-* k-NN during training: the last ``knn_top1`` / ``knn_top5`` of ``metrics.jsonl`` (``eval.knn_every``);
-* ``knn*.json``, ``linear*.json``, ``dense*.json`` in the run folder or one folder below (``sere-scale linear``
-  writes ``RUN/linear/linear.json``); their numeric top-level figures, ``*random_init*`` files left out.
+* during training: the last ``knn_top1`` / ``knn_top5`` (``eval.knn_every``) and ``dense_miou``
+  (``eval.dense_every``) of ``metrics.jsonl``;
+* ``knn*.json``, ``linear*.json``, ``segprobe*.json``, ``davis*.json``, ``dense*.json`` in the run folder or one
+  folder below (``sere-scale linear`` writes ``RUN/linear/linear.json``, ``segprobe`` / ``davis`` their
+  ``--out`` folder's): their numeric top-level figures, ``*random_init*`` files left out.
 """
 from __future__ import annotations
 
@@ -17,20 +19,23 @@ from pathlib import Path
 
 from sere_scale.run.metrics import read_metrics
 
-SKIP = {"k", "T", "t", "epochs", "lr", "step", "batch_size", "seed"}  # settings, not figures (and n_*)
+SKIP = {"k", "T", "t", "epochs", "lr", "step", "batch_size", "seed", "seconds"}  # settings, not figures (and n_*)
+KINDS = {"knn": "k-NN", "linear": "linear probe", "segprobe": "dense", "davis": "dense", "dense": "dense"}
+DURING = (("k-NN (during training)", ("knn_top1", "knn_top5")), ("dense (during training)", ("dense_miou",)))
 
 
 def evaluations(run_dir: Path) -> list[dict]:
     """``{"name", "source", "figures": {metric: value}}`` for each evaluation the run folder holds."""
-    out = []
-    rows = [r for r in read_metrics(run_dir) if r.get("knn_top1") is not None]
-    if rows:
-        last = rows[-1]
-        out.append({"name": "k-NN (during training)", "source": f"metrics.jsonl step {last['step']}",
-                    "figures": {k: last[k] for k in ("knn_top1", "knn_top5") if last.get(k) is not None}})
+    out, records = [], read_metrics(run_dir)
+    for name, keys in DURING:
+        rows = [r for r in records if r.get(keys[0]) is not None]
+        if rows:
+            last = rows[-1]
+            out.append({"name": name, "source": f"metrics.jsonl step {last['step']}",
+                        "figures": {k: last[k] for k in keys if last.get(k) is not None}})
     files = sorted({*run_dir.glob("*.json"), *run_dir.glob("*/*.json")})
     for f in files:
-        kind = next((k for k in ("knn", "linear", "dense") if f.name.startswith(k)), None)
+        kind = next((k for k in KINDS if f.name.startswith(k)), None)
         if kind is None or "random_init" in f.name:
             continue
         try:
@@ -40,7 +45,7 @@ def evaluations(run_dir: Path) -> list[dict]:
         figs = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and k not in SKIP and not k.startswith("n_")} if isinstance(data, dict) else {}
         if figs:
-            out.append({"name": {"knn": "k-NN", "linear": "linear probe", "dense": "dense"}[kind],
+            out.append({"name": KINDS[kind],
                         "source": str(f.relative_to(run_dir)), "figures": figs})
     return out
 
@@ -75,7 +80,7 @@ def build_card(cfg, run_dir: Path, res: dict, repo_id: str | None = None):
     val = Path(str(cfg.eval.val_path).split("#")[0]).name or "validation set"
     results = [EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name=val,
                           metric_type="accuracy", metric_value=v, metric_name=f"{e['name']} {k}")
-               for e in evals if e["name"] != "dense" for k, v in e["figures"].items()]
+               for e in evals if not e["name"].startswith("dense") for k, v in e["figures"].items()]
     init = getattr(cfg.model, "init_from", "")
     data = ModelCardData(
         library_name="timm", pipeline_tag="image-feature-extraction", model_name=name,
