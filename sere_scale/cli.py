@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 
+from sere_scale import __version__
 from sere_scale.config.load import ConfigError
 
 COMMANDS = [
@@ -52,6 +53,7 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sere-scale", description="SERE self-supervised ViT pretraining")
+    parser.add_argument("--version", action="version", version=f"sere-scale {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for mod in COMMANDS:
         importlib.import_module(mod).add_parser(sub)

@@ -155,8 +155,8 @@ def test_forced_uniform_collapse_warns_once_logs_the_event_and_trains_on(tmp_pat
                                                                              for s in (5, 6, 7)]
     warned = [r.getMessage() for r in caplog.records if "COLLAPSE" in r.getMessage()]
     assert len(warned) == 1 and "teacher_entropy" in warned[0] and "teacher_temp" in warned[0]
-    tracked = [c for c in calls(run) if c["call"] == "log" and "collapse" in c["values"]]
-    assert [(c["step"], c["values"]) for c in tracked] == [(7, {"collapse": 1, "collapse_uniform": 1})]
+    tracked = [c for c in calls(run) if c["call"] == "log" and "train/collapse" in c["values"]]  # TB's names
+    assert [(c["step"], c["values"]) for c in tracked] == [(7, {"train/collapse": 1, "train/collapse_uniform": 1})]
     assert find_latest(run).name == "step_00000009"  # warn changes no checkpoint
 
 

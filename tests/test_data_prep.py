@@ -254,17 +254,19 @@ def test_scan_check_rejects_everything_a_full_decode_rejects():
     assert n_full_rejects > 100
 
 
-def test_wids_index_beside_info_json_reads_with_shard_list_dataset(converted):
+def test_wids_index_beside_info_json_reads_with_shard_list_dataset(converted, tmp_path, monkeypatch):
     """``_wids-SPLIT.json`` (wids' shard index) lists every shard with its count; ``wids.ShardListDataset``
-    reads each sample once, by index, with the bytes of the tars."""
+    reads each sample once, by index, with the bytes of the tars — in place with ``localname=lambda u: u``
+    (wids' default copies every shard into its cache, ``WIDS_CACHE`` or /tmp/_wids_cache)."""
     wids = pytest.importorskip("wids")
+    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "wids_cache"))
     _, meta, out, _ = converted
     index = json.loads((out / "_wids-train.json").read_text())
     info = json.loads((out / "_info.json").read_text())["splits"]["train"]
     assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
     assert [s["url"] for s in index["shardlist"]] == info["filenames"]
     assert [s["nsamples"] for s in index["shardlist"]] == info["shard_lengths"]
-    ds = wids.ShardListDataset(str(out / "_wids-train.json"), transformations=[])
+    ds = wids.ShardListDataset(str(out / "_wids-train.json"), transformations=[], localname=lambda u: u)
     assert len(ds) == len(meta["good"])
     want = all_samples(out)
     got = {}
@@ -274,6 +276,7 @@ def test_wids_index_beside_info_json_reads_with_shard_list_dataset(converted):
     assert set(got) == set(want)
     for k, s in want.items():
         assert int(got[k][".cls"].read()) == int(s["cls"])
+    assert not (tmp_path / "wids_cache").exists()  # nothing copied
 
 
 def test_split_written_under_the_given_name_for_timm_validation(tmp_path):

@@ -211,6 +211,25 @@ def test_teacher_readers_rebuild_the_full_teacher_of_every_backend(two_rank):
 
 
 
+def test_init_from_a_checkpoint_folder_of_every_backend_gives_its_network(two_rank):
+    """``model.init_from=run:STEP_FOLDER`` (any backend, saved by 2 ranks) loads the saved teacher — heads too —
+    into a new run's student and teacher (models/init_from.py)."""
+    from sere_scale.models.init_from import init_from
+    from sere_scale.models.load import load_run_config
+    from sere_scale.run.startup import build_model
+    tmp, _ = two_rank
+    for name in ("ddp", "fsdp", "fsdp_hybrid", "zero1", "zero2", "zero3"):
+        ck = find_latest(tmp / name)
+        ref = torch.load(tmp / name / "ref.pt", weights_only=False)["teacher"]
+        cfg = load_run_config(tmp / name)
+        student, teacher, _ = build_model(cfg)
+        report = init_from(f"run:{ck}", cfg, student, teacher)
+        assert report["kept_random"] == [] and report["missing_backbone"] == [], (name, report)
+        s, t = student.state_dict(), teacher.state_dict()
+        for k, v in ref.items():
+            assert torch.equal(s[k].float(), v) and torch.equal(t[k].float(), v), (name, k)
+
+
 def test_step_folders_convert_with_deepspeed_zero_to_fp32_and_torch_dcp_to_torch_save(two_rank, tmp_path):
     """The tools' own documented commands, no flags: DeepSpeed's ``zero_to_fp32.py STEP OUT`` (the script
     DeepSpeed copies into the step folder) gives the fp32 student; torch's ``format_utils

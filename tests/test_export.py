@@ -118,7 +118,7 @@ def test_timm_dir_export_loads_with_one_argument_strict_same_features_and_transf
     r = subprocess.run([sys.executable, "-m", "sere_scale", "export", "--checkpoint", str(run_dir), str(out)],
                        capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert f"timm.create_model('local-dir:{out}', pretrained=True)" in r.stdout
     conf = json.loads((out / "config.json").read_text())
     assert conf["architecture"] == "vit_small_patch16_224" and conf["num_classes"] == 0

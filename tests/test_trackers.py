@@ -57,6 +57,8 @@ def test_wandb_gets_config_once_scalars_per_log_step_and_finish(tmp_path, data16
     assert (kw["project"], kw["entity"], kw["name"], kw["mode"], kw["tags"]) == ("proj", "team", "first", "offline",
                                                                                    ["a", "b"])
     assert kw["config"] == cfg.to_dict() and kw["dir"] == cfg.output_dir
+    assert kw["resume"] == "allow" and json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb"] == {
+        "id": kw["id"], "last_step": 3}  # the run folder remembers the W&B run (tests/test_tracker_continuity.py)
     logs = [c for c in rec if c[0] == "log"]
     rows = read_metrics(cfg.output_dir)
     assert [s for _, _, s in logs] == [r["step"] for r in rows] == [1, 2, 3]
@@ -92,12 +94,12 @@ def test_hook_finishes_on_preemption(tmp_path, data16, monkeypatch):
     assert [c["call"] for c in got] == ["start", "log", "log", "log", "finish"]
     assert got[0]["config"] == json.loads(json.dumps(cfg.to_dict()))
     assert [c["step"] for c in got[1:4]] == [1, 2, 3] and got[-1]["exit"] == "preempted"
-    assert got[1]["values"]["loss"] == read_metrics(cfg.output_dir)[0]["loss"]
+    assert got[1]["values"]["train/loss"] == read_metrics(cfg.output_dir)[0]["loss"]  # TensorBoard's names
 
 
 def test_tensorboard_gets_the_config_as_text_and_hparams(tmp_path, data16):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    cfg = tiny_config(tmp_path / "run", data16, "train.max_steps=1", "data.batch_size=4")
+    cfg = tiny_config(tmp_path / "run", data16, "train.max_steps=2", "data.batch_size=4")
     train(cfg)
     values = {}  # tag -> (plugin name, summary value) over every event file of the run
     for f in glob.glob(str(tmp_path / "run" / "tb" / "**" / "events.out.tfevents.*"), recursive=True):
@@ -108,13 +110,25 @@ def test_tensorboard_gets_the_config_as_text_and_hparams(tmp_path, data16):
     plugin, text = values["config/text_summary"]
     assert plugin == "text"
     body = text.tensor.string_val[0].decode()
-    assert "batch_size: 4" in body and "max_steps: 1" in body
+    assert "batch_size: 4" in body and "max_steps: 2" in body
     assert values["_hparams_/experiment"][0] == "hparams" and values["_hparams_/session_start_info"][0] == "hparams"
     from tensorboard.plugins.hparams import plugin_data_pb2
     start = plugin_data_pb2.HParamsPluginData.FromString(
         values["_hparams_/session_start_info"][1].metadata.plugin_data.content).session_start_info
     assert start.hparams["data.batch_size"].number_value == 4
     assert start.hparams["model.arch"].string_value == "vit_tiny_cpu"
+    # the HParams table's metric columns: the finished run's final figures
+    exp = plugin_data_pb2.HParamsPluginData.FromString(
+        values["_hparams_/experiment"][1].metadata.plugin_data.content).experiment
+    names = {m.name.tag for m in exp.metric_infos}
+    assert {"final/loss", "final/lr", "final/loss_spatial"} <= names
+    last = read_metrics(cfg.output_dir)[-1]
+    from tensorboard.util.tensor_util import make_ndarray
+
+    def number(v):
+        return v.simple_value if v.WhichOneof("value") == "simple_value" else make_ndarray(v.tensor).item()
+    assert number(values["final/loss"][1]) == pytest.approx(last["loss"], rel=1e-6)
+    assert number(values["final/lr"][1]) == pytest.approx(last["lr"], rel=1e-6)
 
 
 def test_real_wandb_offline_run_records_config_and_scalars(tmp_path, data16):
@@ -149,20 +163,32 @@ def test_mlflow_tracker_calls(tmp_path, data16, monkeypatch):
     """The MLflow tracker through a fake ``mlflow`` module recording calls (no server here)."""
     rec = []
     mod = types.ModuleType("mlflow")
-    for name in ("set_tracking_uri", "set_experiment", "start_run", "log_params", "log_dict", "log_metrics",
-                 "set_tag", "end_run"):
+    for name in ("set_tracking_uri", "set_experiment", "log_params", "log_dict", "log_metrics", "set_tag", "end_run"):
         setattr(mod, name, (lambda n: lambda *a, **kw: rec.append((n, a, kw)))(name))
+
+    def start_run(**kw):
+        rec.append(("start_run", (), kw))
+        return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
+
+    class Client:
+        def __init__(self, tracking_uri):
+            rec.append(("MlflowClient", (tracking_uri,), {}))
+
+        def search_experiments(self, max_results):
+            rec.append(("search_experiments", (), {}))
+    mod.start_run, mod.MlflowClient, mod.get_tracking_uri = start_run, Client, lambda: "file:///tmp/x"
     monkeypatch.setitem(sys.modules, "mlflow", mod)
     cfg = tiny_config(tmp_path / "run", data16, "train.max_steps=2", "data.batch_size=4", "log.mlflow.enabled=true",
                       "log.mlflow.tracking_uri=file:///tmp/x", "log.mlflow.experiment=exp")
     train(cfg)
     names = [n for n, _, _ in rec]
-    assert names == ["set_tracking_uri", "set_experiment", "start_run", "log_params", "log_dict", "log_metrics",
-                     "log_metrics", "set_tag", "end_run"]
-    assert rec[0][1] == ("file:///tmp/x",) and rec[1][1] == ("exp",) and rec[2][2] == {"run_name": "run"}
-    params = rec[3][1][0]
+    assert names == ["MlflowClient", "search_experiments", "set_tracking_uri", "set_experiment", "start_run",
+                     "log_params", "log_dict", "log_metrics", "log_metrics", "set_tag", "end_run"]
+    assert rec[0][1] == ("file:///tmp/x",) and rec[3][1] == ("exp",) and rec[4][2] == {"run_name": "run"}
+    params = rec[5][1][0]
     assert params["data.batch_size"] == 4 and params["model.arch"] == "vit_tiny_cpu"
     rows = read_metrics(cfg.output_dir)
-    for (_, a, kw), r in zip(rec[5:7], rows):
-        assert kw["step"] == r["step"] and a[0]["loss"] == r["loss"]
+    for (_, a, kw), r in zip(rec[7:9], rows):
+        assert kw["step"] == r["step"] and a[0]["train/loss"] == r["loss"]  # the names TensorBoard and W&B get
     assert rec[-2][1] == ("exit", "done") and rec[-1][2] == {"status": "FINISHED"}
+    assert json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]["run_id"] == "r1"

@@ -25,6 +25,9 @@ class ModelConfig:
     # timm's antialiased resampling, and the CLS token starts from a truncated normal of std 0.02 (timm: 1e-6).
     # Off by default so run folders written before the key rebuild the model they trained.
     dino_vit: bool = False
+    # start from published or earlier weights (not a resume: step 0): timm:NAME, hf-hub:USER/REPO, local-dir:PATH,
+    # a .safetensors/.pth file, or run:PATH[#teacher|#student] (heads too); models/init_from.py
+    init_from: str = ""
 
 
 @dataclass
@@ -180,7 +183,7 @@ class WandbConfig:
 @dataclass
 class MlflowConfig:
     enabled: bool = False
-    tracking_uri: str = ""  # default: MLflow's own (MLFLOW_TRACKING_URI or ./mlruns)
+    tracking_uri: str = ""  # default: MLflow's own (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd)
     experiment: str = ""
     run_name: str = ""  # default: the output folder's name
 
@@ -191,6 +194,8 @@ class LogConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     hooks: list[str] = field(default_factory=list)  # generic trackers: "package.module:factory", factory(cfg)
+    # a configured tracker that cannot start: "raise" (config error, exit 2, before anything is written) or "warn"
+    tracker_errors: Literal["raise", "warn"] = "raise"
 
 
 @dataclass

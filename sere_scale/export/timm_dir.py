@@ -22,7 +22,7 @@ from sere_scale.models.backbone import timm_kwargs
 PREFIX = "backbone.vit."
 FORMATS = ("timm-dir", "safetensors")
 WEIGHTS = ("teacher", "student")
-EXPORT_FILES = {"config.json", "model.safetensors", "pytorch_model.bin"}
+EXPORT_FILES = {"config.json", "model.safetensors", "pytorch_model.bin", "README.md"}
 
 
 def timm_state_dict(state: dict) -> dict:
@@ -75,10 +75,11 @@ def default_format(out: str | Path) -> str:
 
 
 def export_timm(checkpoint: str | Path, out: str | Path, verify: bool = True, fmt: str | None = None,
-                weights: str = "teacher") -> dict:
+                weights: str = "teacher", repo_id: str | None = None) -> dict:
     """Write the ``weights`` (teacher: EMA, default; or student) backbone of ``checkpoint`` (run or
-    checkpoint folder, any backend) to ``out`` in ``fmt`` (default: by the target's name); returns
-    ``{"file", "format", "arch", "kwargs", "pretrained_cfg", "step", "call"}``."""
+    checkpoint folder, any backend) to ``out`` in ``fmt`` (default: by the target's name); a timm-dir also gets
+    a model card, ``README.md`` (``export/model_card.py``; its loading call names ``hf-hub:repo_id`` if given).
+    Returns ``{"file", "format", "arch", "kwargs", "pretrained_cfg", "step", "call"}``."""
     from sere_scale.models.load import load_run_config, read_state, resolve_checkpoint
     fmt = fmt or default_format(out)
     if fmt not in FORMATS:
@@ -98,6 +99,8 @@ def export_timm(checkpoint: str | Path, out: str | Path, verify: bool = True, fm
            "weights": weights}
     if fmt == "timm-dir":
         _write_timm_dir(state, name, kwargs, pcfg, out)
+        from sere_scale.export.model_card import build_card
+        build_card(cfg, run_dir, {**res, "file": str(out)}, repo_id).save(out / "README.md")
         return {**res, "file": str(out), "call": f"timm.create_model({'local-dir:' + str(out)!r}, pretrained=True)"}
     from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)

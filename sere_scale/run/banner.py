@@ -97,6 +97,8 @@ def format_banner(b: dict) -> str:
         f"  data          {b['data']} ({b['data_images']} images)",
         f"  output_dir    {b['output_dir']}",
         f"  resume        {resume}",
+        *([f"  init_from     {b['init_from']['source']} ({b['init_from']['loaded']} tensors; random: "
+           f"{', '.join(b['init_from']['kept_random']) or 'none'})"] if b.get("init_from") else []),
     ])
 
 

@@ -1,7 +1,8 @@
 """Run metrics (rank 0): one JSON object per logged step in ``metrics.jsonl`` (each with ``time``, Unix
 seconds), TensorBoard scalars, and the experiment trackers of :mod:`.trackers`. A run (or resumed segment)
 starts with one ``"event": "start"`` record holding the start-up banner (:mod:`.banner`); TensorBoard gets
-the resolved config as text and hparams. The collapse alarm (:mod:`.collapse`) adds ``"event": "collapse"`` records.
+the resolved config as text and, when the run finishes, an hparams record with the final figures. The collapse
+alarm (:mod:`.collapse`) adds ``"event": "collapse"`` records.
 
 ``metrics.jsonl`` is strict JSON: a non-finite figure (NaN, ±inf) is written as ``null`` and its key listed in
 the record's ``"nonfinite"`` field, e.g. ``{"loss": null, ..., "nonfinite": ["loss"]}``.
@@ -14,15 +15,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from sere_scale.run.trackers import metric_names, scalars
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: Optional[int] = None,
-                 trackers: Optional[list] = None):
+                 trackers=None):
         from sere_scale.run.trackers import Trackers
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = None
-        self.trackers = Trackers(trackers if enabled and trackers else [])
+        self.tb, self.hparams, self.final, self.final_step = None, None, {}, 0
+        self.trackers = trackers if enabled and isinstance(trackers, Trackers) else Trackers([])
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -49,8 +52,8 @@ class MetricsLogger:
             from sere_scale.run.trackers import _flat
             text = yaml.safe_dump(config, sort_keys=False)
             self.tb.add_text("config", "\n".join("    " + ln for ln in text.splitlines()), 0)
-            hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(config).items()}
-            self.tb.add_hparams(hp, {}, run_name=".")
+            self.hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                            for k, v in _flat(config).items()}
         self.trackers.start(config, banner)
 
     def log(self, record: dict) -> None:
@@ -62,10 +65,12 @@ class MetricsLogger:
             f.write(strict_json(record) + "\n")
         if self.tb is not None:
             step = record.get("step", 0)
-            for k, v in record.items():
+            for k, v in record.items():  # non-finite values too (the trackers get finite ones only)
                 if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+                    self.tb.add_scalar(*metric_names({k: v}).popitem(), step)
         self.trackers.log(record)
+        self.final.update(scalars(record))
+        self.final_step = record.get("step", self.final_step)
 
     def event(self, record: dict, scalars: dict) -> None:
         """An ``"event"`` record (``record`` holds ``event`` and ``step``) in ``metrics.jsonl``; ``scalars`` (e.g.
@@ -80,7 +85,13 @@ class MetricsLogger:
         self.trackers.log({"step": record["step"], **scalars})
 
     def close(self, exit_reason: str = "done") -> None:
+        """Finish the trackers; a finished run (``done``) writes its TensorBoard hparams record with the final
+        figures (``final/<key>``: each key's last value), one session of the HParams table per finish
+        (``tb/hparams-step<N>``; written once, as the dashboard keeps a run's first record)."""
         self.trackers.finish(exit_reason)
+        if self.tb is not None and exit_reason == "done" and self.hparams is not None and self.final:
+            self.tb.add_hparams(self.hparams, {f"final/{k}": v for k, v in self.final.items()},
+                                run_name=f"hparams-step{self.final_step}", global_step=self.final_step)
         if self.tb is not None:
             self.tb.close()
             self.tb = None

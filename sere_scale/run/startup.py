@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sere_scale.engine.checkpoint import CheckpointManager
+from sere_scale.engine.checkpoint import CheckpointManager, find_latest
 from sere_scale.config.load import Config, ConfigError, save_config, validate_model
 from sere_scale.engine.distributed import DistInfo, all_reduce_sum
 from sere_scale.run.rundir import RunDirError, RunLock, check_fresh, move_aside
@@ -26,6 +26,20 @@ def _agree(err: BaseException | None, info: DistInfo) -> None:
             raise RunDirError("another rank refused to start (see rank 0's message)")
     if err is not None:
         raise err
+
+
+def build_trackers_agreed(cfg: Config, resume: bool, info: DistInfo):
+    """Rank 0's experiment trackers (``trackers.build_trackers``: each checked before anything is written), every
+    rank raising if one cannot start (the others are not left waiting in the next collective)."""
+    from sere_scale.run.trackers import build_trackers
+    trackers, err = [], None
+    if info.is_main:
+        try:
+            trackers = build_trackers(cfg, resume)
+        except ConfigError as e:
+            err = e
+    _agree(err, info)
+    return trackers
 
 
 def check_run_dir(run_dir: Path, resume: bool, move_old: bool, info: DistInfo) -> RunLock:
@@ -66,6 +80,17 @@ def build_model(cfg: Config, method_cls=None):
     student, teacher = build_student_teacher(cfg)
     validate_built(cfg, student)
     return student, teacher, (method_cls or SEREMethod)(cfg, student.backbone.num_heads)
+
+
+def init_weights(cfg: Config, student, teacher, run_dir: Path, resume: bool):
+    """``model.init_from`` loaded into student and teacher (its report), or None: not set, or resuming from a
+    checkpoint (which holds the weights)."""
+    if not cfg.model.init_from:
+        return None
+    if resume and find_latest(run_dir / "checkpoints") is not None:
+        return None
+    from sere_scale.models.init_from import init_from
+    return init_from(cfg.model.init_from, cfg, student, teacher)
 
 
 def build_parts(cfg: Config, info: DistInfo, method_cls=None, engine_factory=None):

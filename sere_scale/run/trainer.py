@@ -22,7 +22,6 @@ from sere_scale.engine import build_engine
 from sere_scale.run.metrics import MetricsLogger
 from sere_scale.method.schedules import build_schedules
 from sere_scale.run.step import Batches, StepResult, first_nonfinite, train_step
-from sere_scale.run.trackers import build_trackers
 from sere_scale.run.trainlog import LiveMFU, LogWindow
 from sere_scale.run.watchdog import HANG_MARKER, HangWatchdog
 
@@ -69,10 +68,11 @@ class Trainer:
                  method_cls=None, engine_factory=None):
         self.cfg, self.info = cfg, info or init_distributed()
         info, run_dir = self.info, Path(cfg.output_dir)
-        self.trackers = build_trackers(cfg) if info.is_main else []  # a missing package fails before any write
+        self.trackers = startup.build_trackers_agreed(cfg, resume, info)  # a tracker that cannot start fails here
         self.lock = startup.check_run_dir(run_dir, resume, move_old, info)
         try:
             student, teacher, self.method = startup.build_model(cfg, method_cls)
+            self.init_report = startup.init_weights(cfg, student, teacher, run_dir, resume)  # model.init_from
             startup.seed_everything(cfg.train.seed, info.rank)
             self.loader = loader if loader is not None else startup.build_loader(cfg, info, build_train_loader)
             augment = None
@@ -173,14 +173,16 @@ class Trainer:
     # ------------------------------------------------------------------ hooks
     def _start(self) -> None:
         info, cfg = self.info, self.cfg
+        if info.is_main:  # the banner first: the progress bar then starts on a line of its own
+            banner = start_banner(cfg, info, self.engine, self.loader, self.total, self.steps_per_epoch,
+                                  self.state["step"], self.resumed_from)
+            if self.init_report:
+                banner["init_from"] = self.init_report
+            log_banner(banner)
+            self.metrics.start(banner, cfg.to_dict())
         if info.is_main and cfg.train.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.pbar = tqdm(total=self.total, initial=self.state["step"], desc="train", dynamic_ncols=True)
-        if info.is_main:
-            banner = start_banner(cfg, info, self.engine, self.loader, self.total, self.steps_per_epoch,
-                                  self.state["step"], self.resumed_from)
-            log_banner(banner)
-            self.metrics.start(banner, cfg.to_dict())
         self.window.reset()
 
     def maybe_log(self, step: int, s: dict, res: StepResult) -> None:
