@@ -41,6 +41,14 @@ except ImportError:  # pragma: no cover - torch without torch.distributed
     _DCPError = Exception
 
 
+def _cause(e: BaseException) -> str:
+    """One line per failure: DCP's error carries every rank's exception and traceback; keep the exceptions."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, _DCPError) and isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {r}: {type(x[0]).__name__}: {x[0]}" for r, x in sorted(failures.items()))
+    return f"{type(e).__name__}: {e}"
+
+
 def count_nonfinite(named: list) -> torch.Tensor:
     """The number of tensors in ``named`` ((name, tensor) pairs) holding a NaN or inf, as a device tensor
     (no host sync): the max-abs of a tensor is finite exactly when all its elements are."""
@@ -129,7 +137,7 @@ class CheckpointManager:
         except OSError:
             space = "free space unknown"
         prev = find_latest(self.root, self.meta.get("run_id"))
-        cause = f"{type(e).__name__}: {e}" if e is not None else "another rank failed to write its part"
+        cause = _cause(e) if e is not None else "another rank failed to write its part"
         return CheckpointSaveError(
             f"saving checkpoint {name} to {where} failed ({cause}); {space}. The last good checkpoint "
             f"{prev if prev is not None else '(none)'} is intact and 'latest' still names it: free space (or lower "

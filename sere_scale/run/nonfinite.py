@@ -21,14 +21,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 def _modules(engine):
-    for name in ("student", "teacher"):
+    """The student's and teacher's modules as every engine holds them (``student_module``/``teacher_module``: the
+    callables ``student``/``teacher`` may be wrappers, e.g. DeepSpeed's or FSDP's resharding teacher). Buffers
+    are never sharded (FSDP2 and ZeRO-3 partition parameters only): each rank restores its full copy."""
+    for name in ("student_module", "teacher_module"):
         m = getattr(engine, name, None)
         if isinstance(m, torch.nn.Module):
             yield m
 
 
 class BufferSnapshot:
-    """Copies of the student's and teacher's buffers (BatchNorm running stats, ...), restorable in place."""
+    """Copies of the student's and teacher's buffers (BatchNorm running stats, ...), restorable in place, on
+    every backend."""
 
     def __init__(self, engine):
         self.saved = [(b, b.detach().clone()) for m in _modules(engine) for b in m.buffers()]
