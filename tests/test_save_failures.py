@@ -46,7 +46,9 @@ def test_disk_full_under_fsdp_on_a_small_tmpfs(tmp_path, data48):
         line = next(ln for ln in out.splitlines() if "saving checkpoint step_00000006 to" in ln)
         assert str(run / "checkpoints" / "step_00000006.tmp") in line and "free of" in line, line
         assert "step_00000003 is intact" in line, line
-        assert "Traceback" not in out, out[-6000:]
+        # the workers print no traceback (torchrun's own report of a worker's exit code 1 follows theirs)
+        workers = out.split("failed (exitcode: 1)")[0]
+        assert "Traceback" not in workers, workers[-6000:]
         ck = run / "checkpoints"
         assert not list(ck.glob("*.tmp")) and (ck / "latest").read_text() == "step_00000003"
         assert find_latest(run).name == "step_00000003"
