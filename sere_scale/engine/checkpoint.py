@@ -16,15 +16,20 @@ state is refused with :class:`NonFiniteCheckpointError` and never becomes ``late
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import shutil
 import time
+import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from sere_scale.engine.distributed import all_reduce_sum, barrier
+
+log = logging.getLogger("sere_scale")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -247,3 +252,62 @@ def find_latest(root: str | os.PathLike, run_id: Optional[str] = None) -> Option
     ``latest`` names if it is complete, else the highest step; with ``run_id``, only that run's."""
     done = checkpoints(root, run_id)
     return done[0] if done else None
+
+
+# ---------------------------------------------------------------------- reading: one path for every reader
+class NoLoadableCheckpoint(RuntimeError):
+    """No checkpoint of a run folder can be read (all are damaged)."""
+
+
+class DamagedCheckpoint(RuntimeError):
+    """The checkpoint folder named explicitly is damaged (truncated, missing or unreadable files)."""
+
+
+def unreadable_error(e: BaseException) -> bool:
+    """Whether ``e`` is what reading a damaged checkpoint file raises (truncated zip/pickle, DCP read errors)."""
+    if isinstance(e, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, _DCPError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("PytorchStreamReader" in text or "unexpected EOF" in text)
+
+
+def read_first_good(root: str | os.PathLike, read: Callable[[Path], object], run_id: Optional[str] = None):
+    """``(read(ckpt), ckpt, skipped)`` for the newest checkpoint under ``root`` (a run folder or its
+    ``checkpoints/``) that passes ``verify`` (the sizes meta.json lists) and that ``read`` can read; each damaged
+    newer one is skipped with a warning naming it (``skipped``). None when there is no checkpoint at all; raises
+    :class:`NoLoadableCheckpoint` when every one is damaged. Errors of ``read`` other than an unreadable file
+    (a config mismatch, ...) propagate. Used by ``--resume`` and by every reader of a run folder."""
+    cands = checkpoints(root, run_id)
+    if not cands:
+        return None
+    skipped = []
+    for ck in cands:
+        bad = verify(ck)
+        if bad is None:
+            try:
+                return read(ck), ck, skipped
+            except (Exception, _DCPError) as e:  # noqa: BLE001 - only unreadable files fall back
+                if not unreadable_error(e):
+                    raise
+                bad = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("checkpoint %s is corrupt (%s): falling back to the previous one", ck, bad)
+        skipped.append(ck)
+    raise NoLoadableCheckpoint(f"no checkpoint under {Path(root)} can be read "
+                               f"({', '.join(p.name for p in skipped)} are damaged)")
+
+
+def read_checkpoint_folder(ckpt: str | os.PathLike, read: Callable[[Path], object]):
+    """``read(ckpt)`` for one checkpoint folder named explicitly (no fallback): damage is a
+    :class:`DamagedCheckpoint` naming the folder, its step and what is wrong."""
+    ckpt = Path(ckpt)
+    step = read_meta(ckpt).get("step", "?")
+    bad = verify(ckpt)
+    if bad is None:
+        try:
+            return read(ckpt)
+        except (Exception, _DCPError) as e:  # noqa: BLE001 - only unreadable files are reported so
+            if not unreadable_error(e):
+                raise
+            bad = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise DamagedCheckpoint(f"checkpoint {ckpt} (step {step}) is damaged ({bad}); give its run folder "
+                            f"({ckpt.parent.parent}) to use the newest readable checkpoint instead")
