@@ -17,6 +17,7 @@ from sere_scale.engine.readers import read_state
 from sere_scale.run.metrics import read_metrics
 from tests.test_engines import CURVE_KEYS, assert_same_curve, overrides, run_jobs
 
+pytestmark = pytest.mark.slow  # one 1-rank launch of 13 runs
 NAMES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 ONE = ["train.grad_accum=1", "checkpoint.every_steps=3"]
 

@@ -11,7 +11,7 @@ training run of some backend followed by checks against independent references. 
           compare the full state with that run's ref.pt bitwise) — then train as usual (resume from a copy),
   nan_at (the loss of that forward call, counted from 1, is made NaN: with train.nonfinite=skip),
   nan_input_at (list of forward calls, from 1, whose crops are NaN: the forward itself goes non-finite,
-                BatchNorm running statistics included),
+                BatchNorm running statistics included; on rank ``nan_rank`` only, if given),
   inf_grad_at (the loss of that forward call on rank 0 keeps its value but back-propagates inf: the gradients
                overflow, as an fp16 overflow would),
   snap_calls (forward calls at whose start the full state, as ``full_state``, is saved to output_dir/snaps.pt),
@@ -261,7 +261,7 @@ def main():
                 calls["n"] += 1
                 if calls["n"] in snap_calls:
                     snaps[calls["n"]] = full_state(built["engine"])
-                if calls["n"] in nan_inputs:  # (student, teacher, batch, sched)
+                if calls["n"] in nan_inputs and job.get("nan_rank", info.rank) == info.rank:
                     batch = a[2]
                     a = (*a[:2], {**batch, "crops": [c * float("nan") for c in batch["crops"]]}, *a[3:])
                 out = super().forward(*a, **k)
