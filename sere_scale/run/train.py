@@ -21,8 +21,7 @@ EXIT_COLLAPSE = 4  # train.on_collapse=stop fired ('latest': the newest checkpoi
 EXIT_SAVE_FAILED = 1  # a checkpoint could not be written (or held NaN/inf): the last good one is still `latest`
 EXIT_REQUEUE = 124  # exit code after a preemption checkpoint (slurm/ templates requeue on it)
 __all__ = ["EXIT_COLLAPSE", "EXIT_NONFINITE", "EXIT_REQUEUE", "EXIT_SAVE_FAILED", "REQUEUE_MARKER", "CollapseStop",
-           "NonFiniteLoss",
-           "main_train", "train"]
+           "NonFiniteLoss", "main_train", "train"]
 
 
 NonFiniteLoss = nonfinite.NonFiniteLoss
