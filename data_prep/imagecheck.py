@@ -3,7 +3,9 @@
 Baseline (SOF0) 8-bit JPEGs with 1 (grayscale) or 3 (YCbCr/RGB) components keep their bytes. Everything
 else that decodes (PNG, CMYK or progressive JPEG, WebP, ...) is decoded in full and re-encoded as a baseline
 JPEG (quality 95, 4:4:4; "L" stays grayscale, everything else becomes "RGB", alpha dropped as ``convert("RGB")``
-does). Anything that fails is reported with a reason, never raised.
+does; 16-bit and float images are scaled to 8 bits first, not clipped, by ``sere_scale.data.pixels.to_8bit``, the
+loader's own helper). An image over ``sere_scale.data.pixels.MAX_PIXELS`` is checked at a reduced JPEG scale or
+refused (never decoded in full). Anything that fails is reported with a reason, never raised.
 
 Checks for kept JPEGs (``check=``):
 
@@ -24,6 +26,8 @@ import warnings
 from dataclasses import dataclass
 
 from PIL import Image
+
+from sere_scale.data.pixels import open_image, to_8bit
 
 CHECKS = ("scan", "draft", "full")
 REENCODE_QUALITY = 95
@@ -129,7 +133,7 @@ def _reencode(im: Image.Image) -> bytes:
     mode = "L" if im.mode in _GRAY_MODES else "RGB"
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    out = im.convert(mode)
+    out = to_8bit(im).convert(mode)  # 16-bit / float images scaled to 8 bits, as the loader does (not clipped)
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=REENCODE_QUALITY, subsampling=0)  # 4:4:4: no chroma loss
     return buf.getvalue()
@@ -142,7 +146,7 @@ def prepare_image(data: bytes, check: str = "scan") -> Prepared:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. palette images with transparency: handled in _reencode
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(data) as im:  # over sere_scale.data.pixels.MAX_PIXELS: reduced (JPEG) or refused
                 w, h = im.size
                 if im.format == "JPEG":
                     sof, scan_start = jpeg_headers(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     for mod in COMMANDS:
         importlib.import_module(mod).add_parser(sub)
     args = parser.parse_args(strip_local_rank(sys.argv[1:] if argv is None else list(argv)))
+    # INFO on stderr: e.g. which checkpoint (step) a command read, and warnings about skipped damaged ones
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
@@ -66,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from sere_scale.engine.checkpoint import DamagedCheckpoint, NoLoadableCheckpoint
+        if isinstance(e, (DamagedCheckpoint, NoLoadableCheckpoint)):  # named, with what to do
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -109,8 +109,8 @@ def test_the_counter_sees_a_sync(monkeypatch):
     y = (torch.ones(3) * 2).sum()
     float(y)
     assert counter.n == 0
-    assert step_module._vote(torch.isfinite(y), False, 1) == (True, False)
-    assert counter.n == 1 and counter.where == ["tolist in run/step.py:_vote"]
+    assert step_module._vote(torch.isfinite(y), False, 1, torch.isfinite(y)) == (True, True, False)
+    assert counter.n == 1 and counter.where == [f"tolist in {os.path.join('run', 'step.py')}:_vote"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")

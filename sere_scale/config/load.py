@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from sere_scale.config.ranges import check_ranges, check_sections
 from sere_scale.config.resolve import _hint, deep_merge, read_yaml, resolve
 from sere_scale.config.schema import (  # noqa: F401  (re-exported: the schema is part of config's API)
     ConfigError, ModelConfig, DataConfig, ImageLossConfig, SereConfig, OptimConfig, TrainConfig, CheckpointConfig,
@@ -182,6 +183,7 @@ def validate(cfg: Config) -> Config:
     for k in ("knn_train_path", "val_path"):
         req(cfg.eval.knn_every == 0 or getattr(cfg.eval, k), f"eval.{k}",
             "must be set when eval.knn_every > 0 (labelled image folder or shard spec)")
+    check_ranges(cfg)  # the sense of every value (config/ranges.py)
     _check_arch(cfg.model.arch)
     return cfg
 
@@ -218,11 +220,14 @@ def load_config(path: Optional[str | Path | list | tuple] = None, overrides: lis
     typed and validated; nothing is written."""
     user: dict = {}
     for p in _paths(path):
-        user = deep_merge(user, read_yaml(p, ConfigError))
+        data = read_yaml(p, ConfigError)
+        check_sections(data, Config, f"config file '{p}'")
+        user = deep_merge(user, data)
     for item in overrides:
         key, value = parse_override(item)
         if _hint(Config, key.split(".")) is None:
             raise _unknown(key, Config)
+        check_sections(_nest(key, value), Config, f"override '{item}'")
         user = deep_merge(user, _nest(key, value))
     full = resolve(deep_merge(Config().to_dict(), user), Config, ConfigError)
     cfg = Config()

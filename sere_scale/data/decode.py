@@ -4,11 +4,10 @@
 could decode it). JPEGs that nvJPEG handles (8-bit, 1 or 3 components, baseline / extended / progressive) are
 decoded together in one ``torchvision.io.decode_jpeg(list, device=...)`` call; everything else (PNG, CMYK or
 12-bit JPEG, ...) and any JPEG the batched call rejects is decoded by PIL on the CPU and moved to the device,
-exactly as the CPU loader would (``Image.open(...).convert("RGB")``, no EXIF rotation).
+exactly as the CPU loader would (``pixels.decode_rgb``, no EXIF rotation).
 """
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from collections.abc import Sequence
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
+from sere_scale.data.pixels import decode_rgb
 
 log = logging.getLogger(__name__)
 Encoded = bytes | bytearray | memoryview | torch.Tensor | np.ndarray
@@ -83,9 +84,7 @@ def device_decodable(info: JpegInfo | None) -> bool:
 def pil_decode(t: torch.Tensor) -> torch.Tensor | None:
     """The CPU loader's decode: PIL, convert to RGB; ``None`` if unreadable."""
     try:
-        with Image.open(io.BytesIO(t.numpy().tobytes())) as im:
-            im.load()
-            arr = np.asarray(im.convert("RGB"))
+        arr = np.asarray(decode_rgb(t.numpy().tobytes()))  # bounded, high bit depths scaled (data/pixels.py)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         log.warning("skipping undecodable image (%d bytes): %s", t.numel(), e)
         return None

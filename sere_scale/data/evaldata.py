@@ -23,7 +23,6 @@ tar, is skipped and counted as corrupt.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from sere_scale.data.folder import IMG_EXT, scan_folder
+from sere_scale.data import pixels
 from sere_scale.data.shardlist import ShardSet, ShardSpecError, is_local, resolve_shards
 from sere_scale.data.shardread import iter_piece
 from sere_scale.data.shards import DECODE_ERRORS, IMAGE_KEYS
@@ -112,9 +112,7 @@ def source_id(spec, split: str | None = None) -> dict:
 
 def decode_rgb(data: bytes) -> Image.Image:
     """The folder path's decode (``folder.load_rgb``) of in-memory bytes; raises on unreadable data."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB")
+    return pixels.decode_rgb(data)
 
 
 def sample_image(sample: dict) -> Image.Image:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from sere_scale.data.multicrop import MultiCrop, sample_crop
+from sere_scale.data.pixels import to_rgb
 
 LUMA = np.array([0.299, 0.587, 0.114])  # PIL's "L" weights, used by torchvision's contrast/saturation/gray
 LUT_SIZE = 17
@@ -177,7 +178,7 @@ class FastMultiCrop(MultiCrop):
             res = img.draft("RGB", (max(1, W // k), max(1, H // k)))  # None if already loaded
             if res is not None:
                 fx, fy = res[1][2] / W, res[1][3] / H
-        img = img.convert("RGB") if img.mode != "RGB" else img
+        img = to_rgb(img) if img.mode != "RGB" else img  # high bit depths scaled, not clipped
         src = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]  # (1, 3, h, w) uint8, channels-last
         Wd, Hd = img.size
         crops, boxes, flips = [], [], []

@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from sere_scale.data.corrupt import Corrupt, NoReadableSample
+from sere_scale.data.pixels import decode_rgb
 from sere_scale.data.transform import sample_rng
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
 def load_rgb(path: str) -> Optional[Image.Image]:
     """Decode an image fully; ``None`` (with a warning) if it is unreadable, truncated or corrupt."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        return decode_rgb(path)  # bounded decode, high bit depths scaled (data/pixels.py)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         log.warning("skipping unreadable image %s: %s", path, e)
         return None

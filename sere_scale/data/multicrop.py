@@ -9,6 +9,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from sere_scale.data.pixels import to_rgb
 from sere_scale.data.recipe import IMAGENET_MEAN, IMAGENET_STD, AugmentRecipe, sample_crop  # noqa: F401  (re-exported)
 
 
@@ -69,7 +70,7 @@ class MultiCrop(RecipeViews):
 
     def __call__(self, img: Image.Image) -> dict:
         if img.mode != "RGB":
-            img = img.convert("RGB")
+            img = to_rgb(img)  # high bit depths scaled, not clipped
         W, H = img.size
         crops, boxes, flips = [], [], []
         r = self.recipe

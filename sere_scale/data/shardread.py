@@ -10,6 +10,7 @@ import logging
 import tarfile
 from collections.abc import Callable, Iterator
 
+from sere_scale.data.pipes import PipeStream
 from sere_scale.data.shardlist import is_local, sample_key
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,9 @@ Sample = dict  # {ext: bytes}
 def _open(url: str):
     if is_local(url):
         return tarfile.open(url, "r:"), None
+    if url.startswith("pipe:"):  # ends with the worker (data/pipes.py), unlike webdataset's own Popen
+        stream = PipeStream(url[len("pipe:"):])
+        return tarfile.open(fileobj=stream, mode="r|"), stream
     from webdataset.gopen import gopen
     stream = gopen(url, "rb")
     return tarfile.open(fileobj=stream, mode="r|"), stream

@@ -23,7 +23,6 @@ by ``encoded.DeviceAugment``. Positions, ``batches_per_epoch`` and resume are th
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -33,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from sere_scale.data.corrupt import Corrupt, NoReadableSample, fill_corrupt
+from sere_scale.data.pixels import open_image
 from sere_scale.data.shardlist import ShardSet, is_local, resolve_shards
 from sere_scale.data.shardplan import batches_per_epoch, stream_batches, stream_order, stream_pieces
 from sere_scale.data.shardread import iter_piece
@@ -270,7 +270,7 @@ class ShardLoader:
             if self.encoded:  # decoded (and checked) on the device: encoded.DeviceAugment
                 return self._labelled(self.transform(sample[key]), label, gid)
             try:
-                img = Image.open(io.BytesIO(sample[key]))
+                img = open_image(sample[key], f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}")
                 if not self._lazy:
                     img.load()
             except DECODE_ERRORS as e:

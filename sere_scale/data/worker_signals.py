@@ -27,6 +27,8 @@ def _sigterm_from_parent_only(parent: int) -> None:
     while True:
         info = signal.sigwaitinfo({signal.SIGTERM})
         if info.si_pid == parent:  # the training process ends its worker: die of SIGTERM, as by default
+            from sere_scale.data.pipes import end_all
+            end_all()  # its pipe: shard commands end with it
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             os.kill(os.getpid(), signal.SIGTERM)
 

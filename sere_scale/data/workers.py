@@ -86,6 +86,8 @@ def _exit_with(trainer_pid: int, every_s: float = 1.0) -> None:
             time.sleep(every_s)
             state = _state(trainer_pid)
             if state == "gone" or state.startswith("Z"):
+                from sere_scale.data.pipes import end_all
+                end_all()  # its pipe: shard commands end with it
                 os._exit(0)
     threading.Thread(target=watch, name="sere-trainer-watch", daemon=True).start()
 

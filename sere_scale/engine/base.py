@@ -136,9 +136,25 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self, lr: float, wd: float, freeze_last_layer: bool) -> Optional[float]:
+    def grad_norm(self, freeze_last_layer: bool) -> Optional[torch.Tensor]:
+        """The global gradient norm as a device tensor (no host sync), after dropping the frozen last layer's
+        gradients; None under fp16, where gradients are still scaled and the loss scaler checks them. The step
+        votes on its finiteness before ``step`` (``run/step.py``). Engines with ``check_every_micro_batch``
+        are not asked: their ``step`` must skip a non-finite gradient itself and set ``step_skipped``."""
+        if freeze_last_layer:
+            for p in self._last:
+                p.grad = None
+        if self.precision == "fp16":
+            return None
+        return self.total_grad_norm()
+
+    def total_grad_norm(self) -> torch.Tensor:
+        """The 2-norm of all gradients of all ranks (a device tensor)."""
+        raise NotImplementedError
+
+    def step(self, lr: float, wd: float, freeze_last_layer: bool, norm: Optional[torch.Tensor] = None):
         """Clip, apply lr/wd, step the optimiser, zero gradients; returns the gradient norm (or None) and sets
-        ``step_skipped``."""
+        ``step_skipped``. ``norm``: ``grad_norm``'s value when the step already computed it."""
         raise NotImplementedError
 
     def zero_grad(self) -> None:
@@ -158,6 +174,20 @@ class Engine:
     def teacher_state_dict(self) -> dict:
         """The full (gathered) teacher state dict, on rank 0 at least; used for evaluation and export."""
         raise NotImplementedError
+
+    def saved_tensors(self) -> list:
+        """(name, tensor) of this rank's pieces of what a checkpoint holds besides the optimiser: the student's
+        and teacher's parameters and buffers (full tensors, FSDP2 local shards, ZeRO-3 partitions) and the
+        method's state (centers). ``checkpoint.count_nonfinite`` checks them before every save."""
+        out = []
+        for prefix, m in (("student", self.student_module), ("teacher", self.teacher_module),
+                          ("method", self.method)):
+            if not isinstance(m, torch.nn.Module):
+                continue
+            for n, t in [*m.named_parameters(), *m.named_buffers()]:
+                t = getattr(t, "ds_tensor", t)  # a ZeRO-3 parameter: this rank's partition
+                out.append((f"{prefix}.{n}", t.to_local() if hasattr(t, "to_local") else t))
+        return out
 
     # ------------------------------------------------------------------ shared helpers
     def make_grad_scaler(self, cls=None):
@@ -186,14 +216,20 @@ class Engine:
         scaler.update()
         self.step_skipped = scaler.get_scale() < before
 
-    def clipped_step(self, lr: float, wd: float, freeze_last_layer: bool, clip) -> torch.Tensor:
+    def clipped_step(self, lr: float, wd: float, freeze_last_layer: bool, norm: Optional[torch.Tensor] = None):
         """The torch engines' optimiser step: drop the frozen last layer's gradients (``self._last``), unscale
-        (fp16), clip (``clip()`` returns the gradient norm, a device tensor), set lr/wd, step, zero gradients."""
+        (fp16), clip by ``norm`` (the global gradient norm, a device tensor; computed here when not given), set
+        lr/wd, step, zero gradients. Returns the norm."""
         if freeze_last_layer:
             for p in self._last:
                 p.grad = None
         self.scaler.unscale_(self.optimizer)
-        norm = clip()
+        if norm is None:
+            norm = self.total_grad_norm()
+        c = self.cfg.optim.clip_grad
+        if c > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, c, norm)
         self.set_lr_wd(self.optimizer, lr, wd)
         self.scaled_step(self.scaler, self.optimizer)
         self.zero_grad()

@@ -60,12 +60,12 @@ class DDPEngine(Engine):
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
-        def clip():
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            c = self.cfg.optim.clip_grad
-            return torch.nn.utils.clip_grad_norm_(params, c if c > 0 else float("inf"))
-        return self.clipped_step(lr, wd, freeze_last_layer, clip)
+    def total_grad_norm(self):
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, 2.0)  # gradients are all-reduced already: global
+
+    def step(self, lr, wd, freeze_last_layer, norm=None) -> Optional[torch.Tensor]:
+        return self.clipped_step(lr, wd, freeze_last_layer, norm)
 
     @torch.no_grad()
     def ema_update(self, momentum):

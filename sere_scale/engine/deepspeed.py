@@ -269,7 +269,9 @@ class DeepSpeedEngine(Engine):
         """AdamW states of the last layer's flat fp32 partition(s) stepped by the last ``ds.step``."""
         return [self._adamw.state[f] for f in self._last_flats.values() if f in self._adamw.state]
 
-    def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
+    def step(self, lr, wd, freeze_last_layer, norm=None) -> Optional[float]:
+        # ``norm`` is never given (check_every_micro_batch): ZeRO computes the global norm itself and skips the
+        # step on a non-finite one (its overflow check, under every precision): ``step_skipped``
         self.set_lr_wd(self.optimizer, lr, wd)
         # looked up every step: loading a checkpoint replaces the optimizer's group dicts
         last_groups = [g for g in self.optimizer.param_groups if g.get("last_layer")]
@@ -280,7 +282,8 @@ class DeepSpeedEngine(Engine):
         self._last_flats = {}
         self.ds.step()
         self._pending = False
-        # fp16: DeepSpeed skipped the step on an inf/NaN gradient (overflow all-reduced over ranks)
+        # DeepSpeed skipped the step on an inf/NaN gradient (overflow all-reduced over ranks): fp16's loss scaler,
+        # or under bf16/fp32 ZeRO's invalid-norm check (a non-finite step for ``run/step.py``)
         self.step_skipped = not self.ds.was_step_applied()
         if freeze_last_layer:
             if last_groups and not self.step_skipped and not self._last_flats:
@@ -312,6 +315,13 @@ class DeepSpeedEngine(Engine):
             self._frag.update(momentum)
 
     # ------------------------------------------------------------------ checkpoints
+    def saved_tensors(self) -> list:
+        out = super().saved_tensors()
+        if self.stage == 3:  # the teacher's fp32 partitions, which teacher_rank*.pt holds
+            out += [(f"teacher.{n} (fp32 partition)", t32) for (n, _), t32 in
+                    zip(self.teacher_module.named_parameters(), self._t32)]
+        return out
+
     def _teacher_shard(self) -> dict:
         names = [n for n, _ in self.teacher_module.named_parameters()]
         shard = {"world_size": self.world, "names": names,

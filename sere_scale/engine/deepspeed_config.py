@@ -70,6 +70,11 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
                 raise ConfigError(f"config key 'engine.deepspeed_config': '{p}' defines '{key}'; sere_scale "
                                   f"passes its own AdamW and sets lr/weight decay every step (optim.*)")
         ds = _merge(ds, extra)
+    zo = ds["zero_optimization"]
+    if ds.get("bf16", {}).get("check_grad_overflow") is False or zo.get("compute_grad_norm") is False:
+        # ZeRO's global-norm check is what keeps a non-finite gradient from being applied (run/step.py)
+        raise ConfigError("config key 'engine.deepspeed_config': bf16.check_grad_overflow and "
+                          "zero_optimization.compute_grad_norm must stay true (a non-finite gradient would be applied)")
     if ds["zero_optimization"].get("stage") not in (1, 2, 3):
         raise ConfigError("config key 'engine.deepspeed_config': zero_optimization.stage must be 1, 2 or 3")
     return ds

@@ -116,15 +116,10 @@ def init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
-    """Global gradient norm over (possibly sharded) gradients; clips when ``max_norm > 0``."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
-    return total
+def total_grad_norm(params: list) -> torch.Tensor:
+    """Global gradient 2-norm over (possibly sharded) gradients, a full (replicated) device tensor."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
+    return total.full_tensor() if isinstance(total, DTensor) else total
 
 
 class FSDPEngine(Engine):
@@ -189,9 +184,11 @@ class FSDPEngine(Engine):
                     if unsharded is not None:
                         unsharded.grad = None
 
-    def step(self, lr, wd, freeze_last_layer) -> Optional[float]:
-        return self.clipped_step(lr, wd, freeze_last_layer, lambda: clip_grad_norm_(self._params,
-                                                                                    self.cfg.optim.clip_grad))
+    def total_grad_norm(self):
+        return total_grad_norm(self._params)
+
+    def step(self, lr, wd, freeze_last_layer, norm=None) -> Optional[torch.Tensor]:
+        return self.clipped_step(lr, wd, freeze_last_layer, norm)
 
     @torch.no_grad()
     def ema_update(self, momentum):

@@ -15,6 +15,7 @@ from typing import Union
 from PIL import Image
 
 from sere_scale.data.multicrop import MultiCrop
+from sere_scale.data.pixels import to_rgb
 from sere_scale.data.recipe import AugmentRecipe
 from sere_scale.data.transform import sample_rng
 
@@ -61,7 +62,7 @@ def make_views(maker, img: Image.Image, seed: int, index: int) -> dict:
     """``maker(img)`` under a seed that depends only on (seed, index): the same image gets the same views in
     every call, whatever else used the random streams (which are restored afterwards)."""
     if img.mode != "RGB":
-        img = img.convert("RGB")
+        img = to_rgb(img)
     with sample_rng(seed, 0, index):
         return maker(img)
 

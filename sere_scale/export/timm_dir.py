@@ -80,15 +80,15 @@ def export_timm(checkpoint: str | Path, out: str | Path, verify: bool = True, fm
     checkpoint folder, any backend) to ``out`` in ``fmt`` (default: by the target's name); a timm-dir also gets
     a model card, ``README.md`` (``export/model_card.py``; its loading call names ``hf-hub:repo_id`` if given).
     Returns ``{"file", "format", "arch", "kwargs", "pretrained_cfg", "step", "call"}``."""
-    from sere_scale.models.load import load_run_config, read_state, resolve_checkpoint
+    from sere_scale.models.load import load_run_config, read_checkpoint
     fmt = fmt or default_format(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}': one of {list(FORMATS)}")
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights '{weights}': one of {list(WEIGHTS)}")
-    ckpt_dir, run_dir = resolve_checkpoint(checkpoint)
+    full, ckpt_dir, run_dir = read_checkpoint(checkpoint, weights)  # the newest readable checkpoint
     cfg = load_run_config(run_dir)
-    state = timm_state_dict(read_state(ckpt_dir, weights))
+    state = timm_state_dict(full)
     name, kwargs = timm_arch(cfg)
     pcfg = pretrained_cfg(cfg, weights)
     if verify:

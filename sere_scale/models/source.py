@@ -119,11 +119,11 @@ def load_backbone(source: str | Path, weights: str = "teacher", arch: str | None
         return load_timm_file(p, arch)[1].vit.eval()
     if (p / "config.json").is_file() and not (p / "meta.json").exists() and not (p / "checkpoints").exists():
         return timm.create_model(f"local-dir:{p.resolve()}", pretrained=True, num_classes=0).eval()
-    from sere_scale.models.load import build_network, load_run_config, read_state, resolve_checkpoint
-    ckpt_dir, run_dir = resolve_checkpoint(p)
+    from sere_scale.models.load import build_network, load_run_config, read_checkpoint
+    state, _, run_dir = read_checkpoint(p, weights)
     cfg = load_run_config(run_dir)
     net = build_network(cfg, teacher=True)  # drop-path 0: the features of eval mode
-    net.load_state_dict(read_state(ckpt_dir, weights))
+    net.load_state_dict(state)
     return net.backbone.vit.eval()
 
 

@@ -17,14 +17,12 @@ warning and renamed ``<name>.corrupt``; the previous one is used.
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from sere_scale.engine.checkpoint import checkpoints, read_meta, verify
+from sere_scale.engine.checkpoint import NoLoadableCheckpoint, checkpoints, read_first_good, read_meta
 from sere_scale.config.load import Config, ConfigError
 
 log = logging.getLogger("sere_scale")
@@ -36,8 +34,7 @@ MUST_MATCH = ("model.arch", "model.patch_size", "model.embed_dim", "model.depth"
 RESHARDS = ("fsdp",)  # backends whose checkpoints load at another world size
 
 
-class NoLoadableCheckpoint(RuntimeError):
-    pass
+__all__ = ["NoLoadableCheckpoint", "check_compatible", "check_resume", "load_resume_point", "set_aside"]
 
 
 def _get(d: dict, key: str):
@@ -98,13 +95,6 @@ def check_compatible(ckpt: Path, meta: dict, cfg: Config, world_size: int, backe
             raise ConfigError(f"config key 'data.shards': {e}") from None
 
 
-def _unpickling_error(e: BaseException) -> bool:
-    if isinstance(e, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile)):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("PytorchStreamReader" in text or "unexpected EOF" in text)
-
-
 def check_resume(run_dir: Path, cfg: Config, world_size: int, loader=None) -> None:
     """Before the engine is built: the newest checkpoint's run must match (:func:`check_compatible`)."""
     cands = checkpoints(run_dir)
@@ -114,30 +104,21 @@ def check_resume(run_dir: Path, cfg: Config, world_size: int, loader=None) -> No
 
 def load_resume_point(engine, run_dir: Path, cfg: Config, world_size: int, loader=None):
     """``(train_state, checkpoint, meta, corrupt)`` of the newest loadable checkpoint, or None if there is none;
-    ``corrupt`` lists the newer checkpoints skipped (the caller renames them once it may write)."""
-    cands = checkpoints(run_dir)
-    if not cands:
+    ``corrupt`` lists the newer checkpoints skipped (the caller renames them once it may write). The checks and
+    the fallback are every reader's (``checkpoint.read_first_good``)."""
+    def load(ck: Path):
+        check_compatible(ck, read_meta(ck), cfg, world_size, cfg.engine.backend, loader)
+        return engine.load(str(ck))
+    try:
+        found = read_first_good(run_dir, load)
+    except NoLoadableCheckpoint as e:
+        raise NoLoadableCheckpoint(f"{e}; start afresh with --move-old") from None
+    if found is None:
         return None
-    corrupt = []
-    for ck in cands:
-        meta = read_meta(ck)
-        check_compatible(ck, meta, cfg, world_size, cfg.engine.backend, loader)
-        bad = verify(ck)
-        if bad is None:
-            try:
-                state = engine.load(str(ck))
-            except Exception as e:  # noqa: BLE001 - only unreadable files fall back; other errors propagate
-                if not _unpickling_error(e):
-                    raise
-                bad = f"{type(e).__name__}: {e}"
-        if bad is None:
-            if corrupt:
-                log.warning("resuming from %s, the newest loadable checkpoint", ck)
-            return state, ck, meta, corrupt
-        log.warning("checkpoint %s is corrupt (%s): falling back to the previous one", ck, bad)
-        corrupt.append(ck)
-    raise NoLoadableCheckpoint(f"no checkpoint under {run_dir / 'checkpoints'} can be loaded "
-                               f"({', '.join(p.name for p in corrupt)} are corrupt); start afresh with --move-old")
+    state, ck, corrupt = found
+    if corrupt:
+        log.warning("resuming from %s, the newest loadable checkpoint", ck)
+    return state, ck, read_meta(ck), corrupt
 
 
 def set_aside(corrupt: list[Path], why: str = "corrupt") -> None:

@@ -18,9 +18,10 @@ log = logging.getLogger("sere_scale")
 
 EXIT_NONFINITE = 3
 EXIT_COLLAPSE = 4  # train.on_collapse=stop fired ('latest': the newest checkpoint from before the collapse window)
+EXIT_SAVE_FAILED = 1  # a checkpoint could not be written (or held NaN/inf): the last good one is still `latest`
 EXIT_REQUEUE = 124  # exit code after a preemption checkpoint (slurm/ templates requeue on it)
-__all__ = ["EXIT_COLLAPSE", "EXIT_NONFINITE", "EXIT_REQUEUE", "REQUEUE_MARKER", "CollapseStop", "NonFiniteLoss",
-           "main_train", "train"]
+__all__ = ["EXIT_COLLAPSE", "EXIT_NONFINITE", "EXIT_REQUEUE", "EXIT_SAVE_FAILED", "REQUEUE_MARKER", "CollapseStop",
+           "NonFiniteLoss", "main_train", "train"]
 
 
 NonFiniteLoss = nonfinite.NonFiniteLoss
@@ -52,7 +53,8 @@ def main_train(cfg: Config, resume: bool, move_old: bool = False, **inject) -> i
         result = train(cfg, resume=resume, info=info, move_old=move_old, preempt=preempt, watchdog=watchdog,
                        **inject)
     except NonFiniteLoss as e:
-        log.error("%s", e)
+        if info.is_main:  # every rank raises the same error: one message
+            log.error("%s", e)
         cleanup()
         return EXIT_NONFINITE
     except CollapseStop as e:
@@ -60,9 +62,10 @@ def main_train(cfg: Config, resume: bool, move_old: bool = False, **inject) -> i
         cleanup()
         return EXIT_COLLAPSE
     except CheckpointSaveError as e:
-        log.error("%s", e)
+        if info.is_main:
+            log.error("%s", e)
         cleanup()
-        return 1
+        return EXIT_SAVE_FAILED
     finally:
         watchdog.stop()
     cleanup()

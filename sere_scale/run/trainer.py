@@ -21,7 +21,7 @@ from sere_scale.engine.distributed import DistInfo, all_reduce_sum, init_distrib
 from sere_scale.engine import build_engine
 from sere_scale.run.metrics import MetricsLogger
 from sere_scale.method.schedules import build_schedules
-from sere_scale.run.step import Batches, StepResult, first_nonfinite, train_step
+from sere_scale.run.step import Batches, StepResult, train_step
 from sere_scale.run.trainlog import LiveMFU, LogWindow
 from sere_scale.run.watchdog import HANG_MARKER, HangWatchdog
 
@@ -163,11 +163,12 @@ class Trainer:
             return res
         if self.cfg.train.nonfinite == "stop":
             self.state["epoch"], self.state["batch"] = before  # the state from before the failing step
-            raise nonfinite.stop(self.cfg, self.engine, self.ckpt, self.state, first_nonfinite(res), self.metrics)
+            raise nonfinite.stop(self.cfg, self.engine, self.ckpt, self.state, res, self.metrics)
         self.state["n_skipped"] += 1
         self.n_consecutive += 1
-        log.warning("non-finite loss at step %d: step skipped (%d so far, %d in a row)", self.state["step"],
-                    self.state["n_skipped"], self.n_consecutive)
+        # the step's number as the metrics give it (state["step"] counts the steps done before it)
+        log.warning("non-finite %s at step %d: step skipped (%d so far, %d in a row)", res.cause,
+                    self.state["step"] + 1, self.state["n_skipped"], self.n_consecutive)
         return res
 
     # ------------------------------------------------------------------ hooks

@@ -10,6 +10,8 @@ training run of some backend followed by checks against independent references. 
   reload (a run folder written at another world size: rebuild the engine, load its latest checkpoint and
           compare the full state with that run's ref.pt bitwise) — then train as usual (resume from a copy),
   nan_at (the loss of that forward call, counted from 1, is made NaN: with train.nonfinite=skip),
+  nan_input_at (list of forward calls, from 1, whose crops are NaN: the forward itself goes non-finite,
+                BatchNorm running statistics included; on rank ``nan_rank`` only, if given),
   inf_grad_at (the loss of that forward call on rank 0 keeps its value but back-propagates inf: the gradients
                overflow, as an fp16 overflow would),
   snap_calls (forward calls at whose start the full state, as ``full_state``, is saved to output_dir/snaps.pt),
@@ -19,7 +21,8 @@ training run of some backend followed by checks against independent references. 
             engine's returned norm and ``scale`` the loss scale then; DDP and FSDP),
   shard_inf_at ({"step": n, "rank": r}: before optimizer step n, rank r sets one element of its local gradient
                 shard to inf; DDP and FSDP),
-  resume_from ({"run": folder, "step": n}: copy that run, point its latest checkpoint at step n, resume).
+  resume_from ({"run": folder, "step": n}: copy that run, point its latest checkpoint at step n, resume),
+  raises (a substring of the error training must raise: reported as ``{"raised": text}``, the next job runs).
 """
 import json
 import shutil
@@ -34,6 +37,7 @@ from sere_scale.engine.checkpoint import find_latest
 from sere_scale.config.load import load_config
 from sere_scale.engine.distributed import init_distributed
 from sere_scale.engine import build_engine
+from sere_scale.engine.base import ensure_process_group
 from sere_scale.method.sere_method import SEREMethod
 from sere_scale.run.startup import build_parts
 from sere_scale.run.train import train
@@ -221,6 +225,7 @@ def main():
     report_path, jobs_json = sys.argv[1:]
     jobs = json.loads(Path(jobs_json).read_text())
     info = init_distributed()
+    ensure_process_group(info)  # a 1-rank launch has none: the barriers between jobs need one
     report = {"world": info.world_size}
     for job in jobs:
         t0 = time.time()
@@ -244,6 +249,7 @@ def main():
         calls = {"n": 0}
         nan_at, inf_at = job.get("nan_at"), job.get("inf_grad_at")
         snap_calls = set(job.get("snap_calls", ()))
+        nan_inputs = set(job.get("nan_input_at", ()))
 
         def build(*a, **k):  # injected as the Trainer's engine_factory
             built["engine"] = build_engine(*a, **k)
@@ -255,14 +261,24 @@ def main():
                 calls["n"] += 1
                 if calls["n"] in snap_calls:
                     snaps[calls["n"]] = full_state(built["engine"])
+                if calls["n"] in nan_inputs and job.get("nan_rank", info.rank) == info.rank:
+                    batch = a[2]
+                    a = (*a[:2], {**batch, "crops": [c * float("nan") for c in batch["crops"]]}, *a[3:])
                 out = super().forward(*a, **k)
                 if calls["n"] == nan_at:  # the loss of the nan_at-th forward call (counted from 1) becomes NaN
                     out["loss"] = out["loss"] * float("nan")
                 if calls["n"] == inf_at and info.rank == 0:
                     out["loss"] = _InfGrad.apply(out["loss"])
                 return out
-        out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload") or job.get("resume_from")),
-                    info=info, method_cls=Instrumented, engine_factory=build)
+        try:
+            out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload") or job.get("resume_from")),
+                        info=info, method_cls=Instrumented, engine_factory=build)
+        except Exception as e:  # noqa: BLE001 - expected by jobs with "raises": reported, the next job runs
+            if not job.get("raises") or job["raises"] not in f"{type(e).__name__}: {e}":
+                raise
+            report[job["name"]] = {"raised": f"{type(e).__name__}: {e}"}
+            dist.barrier()
+            continue
         if snaps and info.is_main:
             torch.save(snaps, out_dir / "snaps.pt")
         eng = out["engine"]
