@@ -1,5 +1,6 @@
 """``sere-scale plan`` memory: the traced activation peak against a real CPU step, and a ViT-L/16 448-px
 ZeRO-3 config flagged as not fitting an 80 GiB GPU, with a recommendation that fits."""
+import pytest
 import torch
 
 from sere_scale.config import load_config
@@ -11,6 +12,7 @@ from sere_scale.plan.trace import trace_step
 from sere_scale.schedules import build_schedules
 from sere_scale.startup import build_parts
 from sere_scale.step import Batches, train_step
+from tests.conftest import ROOT
 from tests.tiny import TINY
 
 # a small size, larger than the tests' tiny config so that activations dominate: 64 px globals, batch 16
@@ -61,3 +63,28 @@ def test_traced_step_peak_with_activation_checkpointing_errs_high():
     +36 % at this size. The prediction is conservative, never below the measurement."""
     predicted, measured = _predicted_and_measured(True)
     assert measured <= predicted <= 1.5 * measured, (predicted, measured)
+
+
+@pytest.mark.slow
+def test_vit_l_448_zero3_batch64_is_flagged_and_the_recommendation_fits():
+    """ViT-L/16 at 448 px under ZeRO-3 (analytic model states, DDP-traced activations at full size under fake
+    tensors), 64 images per GPU without activation checkpointing: more than an H100's 80 GiB; the plan marks it
+    and recommends a plan that fits."""
+    from sere_scale.plan.estimate import evaluate, recommend
+    from sere_scale.plan.hardware import GIB, USABLE, Links, gpu_spec
+    from sere_scale.plan.planner import make_plans
+    gpu = gpu_spec("h100")
+
+    def load(extra):
+        return load_config([str(ROOT / "configs" / "ibot_sere_vit_l16_zero3_448.yaml")],
+                           ["data.batch_size=64", "model.checkpoint_activations=false", "train.precision=bf16",
+                            "data.num_workers=0", *extra])
+    plans = make_plans(load, 64, 8, ["deepspeed:3"], USABLE * gpu.mem_bytes, log=lambda m: None)
+    rows = [evaluate(p, 64, gpu, Links(), 0.4) for p in plans]
+    configured = next(r for r in rows if r["batch_size"] == 64 and not r["checkpoint_activations"])
+    assert configured["backend"] == "deepspeed" and configured["strategy"] == "zero3"
+    assert not configured["fits"] and configured["per_rank"]["peak_bytes"] > 80 * GIB
+    assert configured["per_rank"]["model_states_bytes"] < 1 * GIB  # ZeRO-3 over 64 ranks: activations dominate
+    best = recommend(rows)
+    assert best is not None and rows[best]["fits"]
+    assert rows[best]["per_rank"]["peak_bytes"] <= USABLE * 80 * GIB

@@ -60,6 +60,13 @@ def deepspeed_calls(stage: int, ddp: Trace, accum: int) -> list:
     return calls
 
 
+def relation_workspace_bound() -> int:
+    """The chunked relation kernel's documented transient bound (kernels/chunked.py: about three fp32 slabs of
+    its CUDA block live at once), part of the activations peak; the fused Triton kernel keeps less."""
+    from ..kernels.chunked import DEFAULT_BLOCK_ELEMS_CUDA
+    return 3 * 4 * DEFAULT_BLOCK_ELEMS_CUDA
+
+
 def _plan_from_trace(name: str, tr: Trace, cfg) -> Plan:
     kind, _, sub = name.partition(":")
     return Plan(kind, sub or "replicate", cfg.data.batch_size, cfg.train.grad_accum,
@@ -125,6 +132,8 @@ def make_plans(load, world: int, gpn: int, backends, mem_limit: float, max_halvi
             q = _with_other_ac(p, d_act, d_flops)
             p.activations_other_ac, q.activations_other_ac = q.activations_bytes, p.activations_bytes
             plans.append(q)
+        for p in plans:
+            p.relation_workspace_bytes = relation_workspace_bound()
         plans_all += plans
         if any(p.peak_bytes <= mem_limit for p in plans) or batch % 2:
             break

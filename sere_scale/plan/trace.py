@@ -9,7 +9,10 @@ profiler's FLOP counter. Two things cannot run on fake tensors and are handled h
 
 * the step's vote reads its all-reduced flags on the host (``tolist``): the all-reduce is traced; the reading
   is answered "every rank finite, none preempted";
-* the device mesh cannot be made under fake mode: FSDP's ``build_mesh`` runs with fake mode suspended.
+* the device mesh cannot be made under fake mode: FSDP's ``build_mesh`` runs with fake mode suspended;
+* the traced step runs on the CPU, where the chunked relation kernel would use its CPU block (2**22 elements);
+  it is traced with its CUDA block (``DEFAULT_BLOCK_ELEMS_CUDA``), as on a GPU without Triton (with Triton the
+  fused kernel keeps less), which also cuts the trace's operator count by up to 16.
 
 DDP: torch's DDP reducer (C++) cannot hold fake tensors, so the DDP engine is built unwrapped (one-rank
 engine) inside the N-rank fake world — every collective of the method and the step is traced — and DDP's own
@@ -96,11 +99,12 @@ def fake_world(world: int):
 
 @contextlib.contextmanager
 def _traceable():
-    """The two adaptations of the module docstring, undone on exit."""
+    """The adaptations of the module docstring, undone on exit."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from ..engine import fsdp
-    real_mesh, real_vote = fsdp.build_mesh, step_module._vote
+    from ..kernels import chunked
+    real_mesh, real_vote, cpu_block = fsdp.build_mesh, step_module._vote, chunked.DEFAULT_BLOCK_ELEMS
 
     def build_mesh(*args, **kwargs):
         with unset_fake_temporarily():
@@ -112,10 +116,12 @@ def _traceable():
         return True, False
 
     fsdp.build_mesh, step_module._vote = build_mesh, vote
+    chunked.DEFAULT_BLOCK_ELEMS = chunked.DEFAULT_BLOCK_ELEMS_CUDA
     try:
         yield
     finally:
         fsdp.build_mesh, step_module._vote = real_mesh, real_vote
+        chunked.DEFAULT_BLOCK_ELEMS = cpu_block
 
 
 def ddp_gradient_allreduce(engine, world: int) -> list:
