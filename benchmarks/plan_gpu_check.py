@@ -22,15 +22,15 @@ CONFIGS = "configs/ibot_sere_vit_b16.yaml,configs/ibot_sere_vit_l16_fsdp.yaml"
 def one(config: str, backend: str, batch: int, steps: int) -> dict:
     import torch
 
-    from sere_scale.config import load_config
+    from sere_scale.config.load import load_config
     from sere_scale.data.synthetic import SyntheticLoader
-    from sere_scale.distributed import DistInfo
+    from sere_scale.engine.distributed import DistInfo
     from sere_scale.models.backbone import patch_size_of
     from sere_scale.plan.planner import backend_overrides
     from sere_scale.plan.trace import trace_step
-    from sere_scale.schedules import build_schedules
-    from sere_scale.startup import build_parts
-    from sere_scale.step import Batches, train_step
+    from sere_scale.method.schedules import build_schedules
+    from sere_scale.run.startup import build_parts
+    from sere_scale.run.step import Batches, train_step
     ov = [f"data.batch_size={batch}", "train.precision=bf16", "data.num_workers=0", *backend_overrides(backend, 8)]
     cfg = load_config([config], ov)
     tr = trace_step(cfg, 1)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sere_scale.config import load_config
+from sere_scale.config.load import load_config
 from sere_scale.plan.comm import bytes_by_type
 from sere_scale.plan.trace import trace_step
 from tests.conftest import ROOT, subprocess_env
@@ -82,7 +82,7 @@ def test_planned_model_states_equal_the_tensors_rank0_holds(name, traced, real):
 def _trainable_shapes():
     import torch
 
-    from sere_scale.startup import build_model
+    from sere_scale.run.startup import build_model
     with torch.device("meta"):
         student, _, _ = build_model(load_config(None, overrides("ddp")))
     return [tuple(p.shape) for p in student.parameters() if p.requires_grad]

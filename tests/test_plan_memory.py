@@ -3,15 +3,15 @@ ZeRO-3 config flagged as not fitting an 80 GiB GPU, with a recommendation that f
 import pytest
 import torch
 
-from sere_scale.config import load_config
+from sere_scale.config.load import load_config
 from sere_scale.data.synthetic import SyntheticLoader
-from sere_scale.distributed import DistInfo
+from sere_scale.engine.distributed import DistInfo
 from sere_scale.engine.fsdp import init_adamw_state
 from sere_scale.models.backbone import patch_size_of
 from sere_scale.plan.trace import trace_step
-from sere_scale.schedules import build_schedules
-from sere_scale.startup import build_parts
-from sere_scale.step import Batches, train_step
+from sere_scale.method.schedules import build_schedules
+from sere_scale.run.startup import build_parts
+from sere_scale.run.step import Batches, train_step
 from tests.conftest import ROOT
 from tests.tiny import TINY
 

@@ -11,9 +11,9 @@ docs/SCALING.md); runs on a CPU, no GPU needed.
 
 
 def add_parser(sub):
-    from ..cli import add_config_args
-    from ..plan.hardware import GPU_NAMES
-    from ..plan.planner import BACKENDS
+    from sere_scale.cli import add_config_args
+    from sere_scale.plan.hardware import GPU_NAMES
+    from sere_scale.plan.planner import BACKENDS
     p = sub.add_parser("plan", help="predict memory, communication and throughput at N GPUs (no GPU needed)")
     add_config_args(p)
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs (world size)")
@@ -37,8 +37,8 @@ def add_parser(sub):
 
 
 def _backends(spec: str, cfg) -> list[str]:
-    from ..config import ConfigError
-    from ..plan.planner import BACKENDS, configured_backend
+    from sere_scale.config.load import ConfigError
+    from sere_scale.plan.planner import BACKENDS, configured_backend
     if spec == "all":
         return list(BACKENDS)
     if spec == "configured":
@@ -54,7 +54,7 @@ def _calibration(path):
     import json
     from pathlib import Path
 
-    from ..config import ConfigError
+    from sere_scale.config.load import ConfigError
     if not path:
         return None
     try:
@@ -72,11 +72,11 @@ def _calibration(path):
 
 
 def build_result(args, log=print) -> dict:
-    from ..config import ConfigError, load_config
-    from ..plan.estimate import CURVE
-    from ..plan.hardware import USABLE, Links, gpu_spec
-    from ..plan.planner import make_plans, plan_rows
-    from ..plan.report import launch_lines
+    from sere_scale.config.load import ConfigError, load_config
+    from sere_scale.plan.estimate import CURVE
+    from sere_scale.plan.hardware import USABLE, Links, gpu_spec
+    from sere_scale.plan.planner import make_plans, plan_rows
+    from sere_scale.plan.report import launch_lines
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise ConfigError("--gpus and --gpus-per-node must be at least 1")
     try:
@@ -109,7 +109,7 @@ def build_result(args, log=print) -> dict:
 def run(args) -> int:
     import sys
 
-    from ..plan.report import markdown, write
+    from sere_scale.plan.report import markdown, write
     result = build_result(args, log=lambda m: print(m, file=sys.stderr))
     write(result, args.json, args.md, args.plot)
     print(markdown(result))

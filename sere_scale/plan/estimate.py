@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .comm import TYPES, Collective
-from .hardware import GPU, USABLE, Links
+from sere_scale.plan.comm import TYPES, Collective
+from sere_scale.plan.hardware import GPU, USABLE, Links
 
 OVERLAP_MIN_BYTES = 1 << 20
 CURVE = (8, 64, 256, 512)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..profiling.flops import PEAK_BF16
+from sere_scale.profiling.flops import PEAK_BF16
 
 GIB = 1 << 30
 

@@ -4,10 +4,10 @@ its collectives), both settings of activation checkpointing, and smaller batches
 accumulation keeping the global batch) when nothing fits."""
 from __future__ import annotations
 
-from .comm import Collective
-from .estimate import Plan, evaluate, recommend
-from .model_states import deepspeed_model_states
-from .trace import Trace, trace_step
+from sere_scale.plan.comm import Collective
+from sere_scale.plan.estimate import Plan, evaluate, recommend
+from sere_scale.plan.model_states import deepspeed_model_states
+from sere_scale.plan.trace import Trace, trace_step
 
 BACKENDS = ("ddp", "fsdp:full", "fsdp:grad_op", "fsdp:hybrid", "deepspeed:1", "deepspeed:2", "deepspeed:3")
 # DeepSpeed's bucket size in elements (engine/deepspeed_config.py: reduce/allgather/prefetch buckets)
@@ -63,7 +63,7 @@ def deepspeed_calls(stage: int, ddp: Trace, accum: int) -> list:
 def relation_workspace_bound() -> int:
     """The chunked relation kernel's documented transient bound (kernels/chunked.py: about three fp32 slabs of
     its CUDA block live at once), part of the activations peak; the fused Triton kernel keeps less."""
-    from ..kernels.chunked import DEFAULT_BLOCK_ELEMS_CUDA
+    from sere_scale.kernels.chunked import DEFAULT_BLOCK_ELEMS_CUDA
     return 3 * 4 * DEFAULT_BLOCK_ELEMS_CUDA
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .hardware import GIB
+from sere_scale.plan.hardware import GIB
 
 
 def _gib(b) -> str:

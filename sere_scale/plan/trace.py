@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .comm import Collective, CollectiveCounter
+from sere_scale.plan.comm import Collective, CollectiveCounter
 
-# step.py moves to run/step.py, startup.py to run/startup.py with the package re-layout (issue 22)
-from .. import step as step_module
+from sere_scale.run import step as step_module
 
 
 @dataclass
@@ -102,8 +101,8 @@ def _traceable():
     """The adaptations of the module docstring, undone on exit."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from ..engine import fsdp
-    from ..kernels import chunked
+    from sere_scale.engine import fsdp
+    from sere_scale.kernels import chunked
     real_mesh, real_vote, cpu_block = fsdp.build_mesh, step_module._vote, chunked.DEFAULT_BLOCK_ELEMS
 
     def build_mesh(*args, **kwargs):
@@ -147,15 +146,15 @@ def trace_step(cfg, world: int) -> Trace:
     """Trace one training step of ``cfg`` (backend ``cfg.engine.backend``: ddp or fsdp) at ``world`` ranks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..data.synthetic import SyntheticLoader
-    from ..distributed import DistInfo
-    from ..engine import build_engine
-    from ..engine.fsdp import init_adamw_state
-    from ..models.backbone import patch_size_of
-    from ..profiling.flops import counting_flops
-    from ..schedules import build_schedules
-    from ..startup import build_model
-    from .model_states import held_bytes, param_counts
+    from sere_scale.data.synthetic import SyntheticLoader
+    from sere_scale.engine.distributed import DistInfo
+    from sere_scale.engine import build_engine
+    from sere_scale.engine.fsdp import init_adamw_state
+    from sere_scale.models.backbone import patch_size_of
+    from sere_scale.profiling.flops import counting_flops
+    from sere_scale.method.schedules import build_schedules
+    from sere_scale.run.startup import build_model
+    from sere_scale.plan.model_states import held_bytes, param_counts
     backend = cfg.engine.backend
     if backend not in ("ddp", "fsdp"):
         raise ValueError(f"config key 'engine.backend': '{backend}' cannot be traced (ddp, fsdp)")

@@ -10,14 +10,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sere_scale.config import load_config
+from sere_scale.config.load import load_config
 from sere_scale.data.synthetic import SyntheticLoader
-from sere_scale.distributed import init_distributed
+from sere_scale.engine.distributed import init_distributed
 from sere_scale.models.backbone import patch_size_of
 from sere_scale.plan.comm import CollectiveCounter, bytes_by_type
-from sere_scale.schedules import build_schedules
-from sere_scale.startup import build_parts
-from sere_scale.step import Batches, train_step
+from sere_scale.method.schedules import build_schedules
+from sere_scale.run.startup import build_parts
+from sere_scale.run.step import Batches, train_step
 
 
 def local_bytes(t) -> int:
