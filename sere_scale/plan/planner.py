@@ -110,6 +110,7 @@ def make_plans(load, world: int, gpn: int, backends, mem_limit: float, max_halvi
             need.append("ddp")
         for name in need:
             if name == "fsdp:hybrid" and (world <= gpn or world % gpn):
+                log(f"fsdp:hybrid left out: {world} GPUs are not several nodes of {gpn}")
                 continue
             log(f"tracing {name} at {world} ranks, batch {batch}/GPU ...")
             traced[name] = trace_step(load([*size, *backend_overrides(name, gpn)]), world)
