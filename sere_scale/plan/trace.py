@@ -59,17 +59,26 @@ class Trace:
 
 
 class _PeakTracker:
-    """``MemTracker`` that installs no gradient hooks on modules holding parameters without gradients (the EMA
-    teacher, frozen parameters: torch's refuses to hook them) and keeps the global peak only (torch's walks
-    every module's statistics after every operator: most of a trace's time)."""
+    """``MemTracker`` reduced to what the plan reads, the live bytes of every storage and their global peak: no
+    per-module statistics (torch's installs gradient hooks that modules with frozen parameters refuse, walks
+    every module's statistics after every operator — most of a trace's time — and refuses a module called again
+    after a backward, as gradient accumulation does)."""
 
     def __new__(cls):
         from torch.distributed._tools.mem_tracker import MemTracker
 
         class Tracker(MemTracker):
-            def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-                hooks = install_grad_hooks and all(p.requires_grad for p in module.parameters())
-                return super()._track_module_params_and_buffers(module, hooks)
+            def _pre_fw_hook(self, module, inputs) -> None:
+                pass
+
+            def _post_fw_hook(self, module, inputs, outputs) -> None:
+                pass
+
+            def _pre_bw_hook(self, module, args) -> None:
+                pass
+
+            def _post_bw_hook(self, module, args) -> None:
+                pass
 
             def _update_peak_stats(self, peak_state) -> None:
                 for dev, snap in self._curr_mem_snap.items():
