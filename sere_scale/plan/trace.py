@@ -136,7 +136,8 @@ def ddp_gradient_allreduce(engine, world: int) -> list:
     """DDP's gradient all-reduce, one bucketed pass over every trainable parameter's gradient (fp32: the
     parameters' dtype), as one ``Collective`` per bucket of at most ``bucket_cap_mb`` (25 MiB; the first
     bucket 1 MiB, torch's default)."""
-    sizes = [nbytes_of(p) for p in engine.student_module.parameters() if p.requires_grad]
+    from sere_scale.plan.model_states import nbytes
+    sizes = [nbytes(p) for p in engine.student_module.parameters() if p.requires_grad]
     total = sum(sizes)
     group = tuple(range(world))
     caps, out, left = [1 << 20], [], total
@@ -145,10 +146,6 @@ def ddp_gradient_allreduce(engine, world: int) -> list:
         out.append(Collective("all_reduce", min(cap, left), group))
         left -= min(cap, left)
     return out
-
-
-def nbytes_of(p) -> int:
-    return p.numel() * p.element_size()
 
 
 def trace_step(cfg, world: int) -> Trace:
