@@ -23,6 +23,7 @@ COMMANDS = [
     "sere_scale.commands.demo",
     "sere_scale.commands.segprobe",
     "sere_scale.commands.davis",
+    "sere_scale.commands.plan",
 ]
 
 
