@@ -6,12 +6,15 @@
 * a dense patch probe on the embedded scenes (``write_scenes``): the teacher's last-layer (normed) patch tokens
   at the scene's own size, each patch labelled with the majority class of its mask pixels, a multinomial
   logistic regression fitted on the train scenes' patches (full batch, L-BFGS, standardised features); the
-  figure is the patch mIoU over the 11 classes on the val scenes (and patch accuracy).
+  figures are the patch mIoU over the 11 classes on the val scenes and the IoU of digit-vs-background (any digit
+  class predicted where any digit is);
+* DAVIS-style label propagation of the first-frame masks through the embedded clips (``write_clips``) with the
+  package's DINO propagation (eval/dense/vos.py) on the same patch tokens: J&F-Mean.
 
 Usage (from the repository root)::
 
     PYTHONPATH=$PWD python benchmarks/demo_regime.py RUN_DIR [RUN_DIR ...] [--digits DIR] [--scenes DIR]
-        [--json OUT.jsonl]
+        [--clips DIR] [--json OUT.jsonl]
 
 Health figures: ``entropy_ratio`` = last logged ``teacher_entropy`` / ln K (1.0: the uniform collapse; near 0:
 one-hot), ``max_ratio_2nd_half`` its largest value over the second half of the run, ``loss_image_norm`` and
@@ -36,8 +39,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sere_scale.data.demo_data import write_digits, write_scenes  # noqa: E402
+from sere_scale.data.demo_data import write_clips, write_digits, write_scenes  # noqa: E402
 from sere_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from sere_scale.eval.dense.davis import evaluate_davis  # noqa: E402
+from sere_scale.eval.dense.vos import evaluate_sequences  # noqa: E402
 from sere_scale.eval.knn import knn_accuracy  # noqa: E402
 from sere_scale.eval.linear import linear_accuracy  # noqa: E402
 from sere_scale.models.load import load_teacher, resolve_checkpoint  # noqa: E402
@@ -125,11 +130,28 @@ def dense_probe(backbone, scenes: Path, patch: int, wd: float = 1e-3, iters: int
     opt.step(closure)
     with torch.no_grad():
         pred = lin(fva).argmax(1)
+    fg_p, fg_y = pred > 0, yva > 0
+    fg_iou = 100 * (fg_p & fg_y).sum().item() / max(1, (fg_p | fg_y).sum().item())
     return {"miou": round(miou(pred, yva), 2), "acc": round(100 * (pred == yva).float().mean().item(), 2),
+            "fg_iou": round(fg_iou, 2),
             "fg_patches_val": int((yva > 0).sum()), "patches_val": int(len(yva))}
 
 
-def measure(run: Path, digits: Path, scenes: Path) -> dict:
+def davis_jf(backbone, clips: Path, patch: int) -> float:
+    """J&F-Mean (%) of DINO label propagation (eval/dense/vos.py, its defaults) on the clips, at their own size."""
+    side = Image.open(next((clips / "JPEGImages" / "480p").rglob("*.jpg"))).size[1]
+
+    def feature_fn(x):
+        out = backbone(x[None])
+        h, w = out["grid"]
+        return out["patch"][0].reshape(h, w, -1)
+
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        evaluate_sequences(clips, "val", feature_fn, tmp, patch, short_side=side)
+        return round(100 * evaluate_davis(clips, tmp, "val", write_csv=False)["J&F-Mean"], 2)
+
+
+def measure(run: Path, digits: Path, scenes: Path, clips: Path) -> dict:
     res = {"run": str(run), **health(run)}
     ckpt = str(resolve_checkpoint(run)[0].resolve())
     for name, rand in (("random", True), ("trained", False)):
@@ -142,7 +164,8 @@ def measure(run: Path, digits: Path, scenes: Path) -> dict:
             res[f"linear_{name}"] = round(linear_accuracy(bb, str(digits / "train"), str(digits / "val"), size, tmp,
                                                           {"checkpoint": ckpt, "random_init": rand})["top1"], 2)
         d = dense_probe(bb, scenes, bb.vit.patch_embed.patch_size[0])
-        res[f"dense_miou_{name}"], res[f"dense_acc_{name}"] = d["miou"], d["acc"]
+        res[f"dense_miou_{name}"], res[f"dense_fg_iou_{name}"] = d["miou"], d["fg_iou"]
+        res[f"davis_jf_{name}"] = davis_jf(bb, clips, bb.vit.patch_embed.patch_size[0])
     return res
 
 
@@ -151,13 +174,15 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--digits", type=Path, default=Path("demo_data"))
     ap.add_argument("--scenes", type=Path, default=Path("demo_data_scenes"))
+    ap.add_argument("--clips", type=Path, default=Path("demo_data_clips"))
     ap.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = ap.parse_args(argv)
     write_digits(args.digits)
     write_scenes(args.scenes)
+    write_clips(args.clips)
     torch.set_num_threads(1)
     for run in args.runs:
-        res = measure(run, args.digits, args.scenes)
+        res = measure(run, args.digits, args.scenes, args.clips)
         print(json.dumps(res), flush=True)
         if args.json:
             with args.json.open("a") as f:

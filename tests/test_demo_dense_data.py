@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sere_scale.data.demo_data import write_clips, write_scenes
+from sere_scale.data.demo_data import DAVIS_PALETTE, write_clips, write_scenes
+from sere_scale.eval.dense import davis_data
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +68,18 @@ def test_clips_davis_layout_and_rigid_motion(tmp_path, sk):
     images, target = sk
     out = write_clips(tmp_path / "c", n_seqs=3, n_frames=6, size=64, n_objects=(2, 3), digit_size=(16, 22),
                       seed=5)
-    seqs = (out / "ImageSets" / "2017" / "val.txt").read_text().split()
+    davis_data.check_davis_root(out, "val")  # the layout as the DAVIS evaluation reads it
+    seqs = davis_data.sequence_names(out, "val")
     rec = json.loads((out / "clips.json").read_text())["seqs"]
     assert len(seqs) == 3 and sorted(seqs) == sorted(rec)
     for seq in seqs:
-        frames = sorted((out / "JPEGImages" / "480p" / seq).glob("*.jpg"))
-        anns = sorted((out / "Annotations" / "480p" / seq).glob("*.png"))
+        frames, anns = davis_data.frame_paths(out, seq), davis_data.annotation_paths(out, seq)
         assert [f.stem for f in frames] == [a.stem for a in anns] == [f"{t:05d}" for t in range(6)]
         objs = rec[seq]
         masks = []
         for f, a in zip(frames, anns):
-            pil = Image.open(a)
-            assert pil.mode == "P" and pil.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
-            assert Image.open(f).size == (64, 64)
-            masks.append(np.array(pil))
+            assert Image.open(a).mode == "P" and Image.open(f).size == (64, 64)
+            masks.append(davis_data.read_label_png(a))
         for oid, o in enumerate(objs, start=1):
             assert 0 <= target[o["index"]] == o["label"]
             s = o["side"]
@@ -98,6 +97,11 @@ def test_clips_davis_layout_and_rigid_motion(tmp_path, sk):
                                                       masks[t - 1][py:py + s, px:px + s] == oid)
         assert set(np.unique(np.stack(masks))) <= set(range(len(objs) + 1))
         assert {int(v) for v in np.unique(masks[0])} - {0}, "first frame annotates some object"
+
+
+def test_palette_is_davis():
+    """The clips' annotation colours are DAVIS's (the evaluation's VOC colour map), object ids 0..7."""
+    assert DAVIS_PALETTE == davis_data.DAVIS_PALETTE[:8].ravel().tolist()
 
 
 def _overlap(a, b, t) -> bool:
