@@ -105,7 +105,7 @@ def _place(rng, size, sizes, placed, tries=50):
 
 
 def write_scenes(out: str | Path, n_train: int = 400, n_val: int = 100, size: int = 64,
-                 n_digits: tuple[int, int] = (1, 3), digit_size: tuple[int, int] = (24, 40), n_clutter: int = 3,
+                 n_digits: tuple[int, int] = (2, 3), digit_size: tuple[int, int] = (20, 32), n_clutter: int = 2,
                  seed: int = 0) -> Path:
     """Write ``out/images/{train,val}/NNNNN.png`` (RGB, grey) and ``out/masks/{train,val}/NNNNN.png`` (mode L:
     0 background, d + 1 where digit d's ink is drawn; 11 classes), and ``out/scenes.json``: for each image its
@@ -154,8 +154,8 @@ def _bounce(p: float, v: float, hi: int) -> tuple[float, float]:
     return p, v
 
 
-def write_clips(out: str | Path, n_seqs: int = 4, n_frames: int = 10, size: int = 80,
-                n_objects: tuple[int, int] = (2, 3), digit_size: tuple[int, int] = (20, 30), n_clutter: int = 3,
+def write_clips(out: str | Path, n_seqs: int = 8, n_frames: int = 10, size: int = 96,
+                n_objects: tuple[int, int] = (2, 3), digit_size: tuple[int, int] = (28, 40), n_clutter: int = 3,
                 speed: tuple[float, float] = (2.0, 4.0), seed: int = 0) -> Path:
     """Write clips of val digits moving (bouncing, in straight lines) over a still cluttered background, in the
     DAVIS 2017 layout: ``JPEGImages/480p/<seq>/00000.jpg..``, ``Annotations/480p/<seq>/00000.png..`` (indexed
