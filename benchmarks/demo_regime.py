@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sere_scale.data.demo_data import write_clips, write_digits, write_scenes  # noqa: E402
-from sere_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from sere_scale.data.recipe import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from sere_scale.eval.dense.davis import evaluate_davis  # noqa: E402
 from sere_scale.eval.dense.vos import evaluate_sequences  # noqa: E402
 from sere_scale.eval.knn import knn_accuracy  # noqa: E402
@@ -51,6 +51,7 @@ N_CLASSES = 11
 
 
 def health(run: Path) -> dict:
+    """The run's end-of-training health figures (module docstring) from its metrics.jsonl and config.yaml."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     start = next(r for r in rows if r.get("event") == "start")
     steps = [r for r in rows if "loss" in r and "step" in r]
@@ -67,6 +68,7 @@ def health(run: Path) -> dict:
 
 
 def _scene_split(scenes: Path, split: str):
+    """(normalised images (B, 3, H, W), masks (B, H, W) int64) of one split of a scenes root."""
     files = sorted((scenes / "images" / split).glob("*.png"))
     if not files:
         raise FileNotFoundError(f"no scene images under '{scenes / 'images' / split}'")
