@@ -13,6 +13,7 @@ from PIL import Image
 
 from sere_scale.data.demo_data import DAVIS_PALETTE, write_clips, write_scenes
 from sere_scale.eval.dense import davis_data
+from sere_scale.eval.dense.layouts import find_dataset
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,11 @@ def test_scene_masks_match_placements(tmp_path, sk, digits_root):
             assert ink.mean() > img[..., 0][mask == 0].mean()  # the labelled pixels are the bright ink
         assert (mask[outside] == 0).all()
     assert n_digits >= 18 * 2 * 0.8  # most scenes got their digits placed
+    for split, n in (("train", 12), ("val", 6)):  # the generic layout as the segmentation probes read it
+        ds = find_dataset(out, split, num_classes=11, ignore_index=255)
+        assert len(ds) == n
+        img, m = ds.load(0)
+        assert img.size == (64, 64) and m.max() <= 10
 
 
 def test_clips_davis_layout_and_rigid_motion(tmp_path, sk):
