@@ -5,6 +5,5 @@ one real ``train_step`` for N simulated ranks in one CPU process under torch's f
 tensors (``trace``), the tensors a rank holds and DeepSpeed's analytic model states (``model_states``), the
 per-plan arithmetic (``estimate``) and the table/JSON/launch line (``report``). Method: docs/SCALING.md.
 
-May import run-level code (the step, start-up), engines, models, method, data and config; imported only by
-``commands``.
+Imports: run (the step, start-up), engine, models, method, data, config. Imported by: commands only.
 """
