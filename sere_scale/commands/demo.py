@@ -67,9 +67,51 @@ def run(args) -> int:
         print(f"  {name:12s} top-1 {r['top1']:6.2f}%   top-5 {r['top5']:6.2f}%   (lr {r['lr']:g})")
     gain = linear["trained"]["top1"] - linear["random-init"]["top1"]
     print(f"  SERE pretraining gain: {gain:+.2f} points")
+    dense_report(cfg, data)
+    health_report(cfg)
     from sere_scale.viz.write import demo_report
     demo_report(cfg.output_dir, data / "val")
     return 0
+
+
+def dense_report(cfg, data: Path) -> None:
+    """Segmentation mIoU (nn and cached-linear probes) on the embedded digit scenes and DAVIS J&F on the embedded
+    clips, for the trained teacher beside the same backbone at random init (docs/EVAL.md, "Dense evaluation")."""
+    from sere_scale.data.demo_data import write_clips, write_scenes
+    from sere_scale.eval.dense.segprobe import run_segprobe
+    from sere_scale.eval.dense.vos import run_davis
+    from sere_scale.models.load import load_teacher
+    scenes, clips = write_scenes(data / "scenes"), write_clips(data / "clips")
+    rows = {}
+    for name, rand in (("random-init", True), ("trained", False)):
+        _, net = load_teacher(cfg.output_dir, random_init=rand)
+        seg = dict(num_classes=11, ignore_index=255, size=64)
+        nn_ = run_segprobe(net.backbone, scenes, "nn", memory_size=10240, **seg)
+        lin = run_segprobe(net.backbone, scenes, "linear-cached", iters=300, batch_size=16, warmup=30, **seg)
+        vos = run_davis(net.backbone, clips, Path(cfg.output_dir) / f"davis_{name}", short_side=96)
+        rows[name] = (100 * nn_["mIoU"], 100 * lin["mIoU"], 100 * vos["J&F-Mean"])
+    print("\nDense evaluation (teacher patch tokens; scenes: 11 classes, 64 px; clips: 8 DAVIS-layout sequences):")
+    print(f"  {'':12s} {'seg mIoU nn':>12s} {'seg mIoU linear':>16s} {'DAVIS J&F':>10s}")
+    for name, (a, b, c) in rows.items():
+        print(f"  {name:12s} {a:11.2f}% {b:15.2f}% {c:9.2f}%")
+    gains = [t - r for t, r in zip(rows["trained"], rows["random-init"])]
+    print("  SERE pretraining gain: " + ", ".join(f"{g:+.2f}" for g in gains) + " points")
+
+
+def health_report(cfg) -> None:
+    """The run's health figures at its last logged step, and any collapse event (docs/EVAL.md, collapse alarm)."""
+    import json
+    import math
+    recs = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = [r for r in recs if "loss" in r][-1]
+    events = [r for r in recs if r.get("event") == "collapse"]
+    ln_k = math.log(cfg.image_loss.out_dim)
+    print(f"\nTraining health at step {last['step']}: teacher_entropy / ln K "
+          f"{last.get('teacher_entropy', float('nan')) / ln_k:.3f}, loss_image_norm "
+          f"{last.get('loss_image_norm', float('nan')):.3f}, feature_std {last.get('feature_std', float('nan')):.3f}")
+    for e in events:
+        print(f"  collapse alarm: {e['kind']} from step {e.get('window_start')} ({e.get('figure')} "
+              f"{e.get('value', float('nan')):.3f}); docs/EVAL.md lists the remedies")
 
 
 if __name__ == "__main__":
