@@ -182,6 +182,21 @@ def invariance_main(args) -> int:
 _HOOK_BACKBONES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def on_teacher_at(cfg, engine, step: int, every: int, info, teacher_state, measure) -> dict:
+    """What every training-time evaluation hook does: at the first logged step at or after each multiple of
+    ``every`` (> 0), gather the teacher's state on every rank (``teacher_state``, default
+    ``engine.teacher_state_dict``: possibly collective), then on rank 0 alone return
+    ``measure(backbone)`` for the teacher backbone, under ``torch.random.fork_rng`` so the model's random streams
+    are left untouched; {} elsewhere and at other steps."""
+    if every <= 0 or step % every >= cfg.train.log_every:
+        return {}
+    state = (teacher_state or engine.teacher_state_dict)()
+    if not info.is_main:
+        return {}
+    with torch.random.fork_rng(devices=[]):
+        return measure(hook_backbone(cfg, engine, state, info.device))
+
+
 def hook_backbone(cfg, engine, state: dict, device):
     """A backbone (built once per engine, cached) holding the backbone part of the teacher ``state``; for the
     training-time hooks. Call it under ``torch.random.fork_rng``: building it draws initial weights."""
@@ -204,18 +219,14 @@ def invariance_during_training(cfg, engine, step: int, info, teacher_state=None)
     weights may be collective; ``teacher_state`` (default ``engine.teacher_state_dict``) gathers it, so the
     loop can share one gather between hooks. The model's random streams are left untouched."""
     e = cfg.eval
-    if e.invariance_every <= 0 or step % e.invariance_every >= cfg.train.log_every:
-        return {}
-    state = (teacher_state or engine.teacher_state_dict)()
-    if not info.is_main:
-        return {}
     root = e.invariance_data or e.val_path
-    if not root:
-        log.warning("eval.invariance_every is set but neither eval.invariance_data nor eval.val_path is")
-        return {}
-    with torch.random.fork_rng(devices=[]):
-        backbone = hook_backbone(cfg, engine, state, info.device)
+
+    def measure(backbone) -> dict:
+        if not root:
+            log.warning("eval.invariance_every is set but neither eval.invariance_data nor eval.val_path is")
+            return {}
         res = measure_invariance(backbone, eval_images(root, e.invariance_images), cfg, "train",
                                  batch_size=cfg.data.batch_size, seed=cfg.train.seed, device=info.device)
-    return {f"invariance_{k}": res[k] for k in ("spatial", "channel", "spatial_ratio", "channel_ratio",
-                                                  "spatial_tv", "channel_tv")}
+        return {f"invariance_{k}": res[k] for k in ("spatial", "channel", "spatial_ratio", "channel_ratio",
+                                                      "spatial_tv", "channel_tv")}
+    return on_teacher_at(cfg, engine, step, e.invariance_every, info, teacher_state, measure)

@@ -58,18 +58,14 @@ def knn_during_training(cfg, engine, step: int, info, teacher_state=None) -> dic
     ``eval.eval_size``. Returns ``knn_top1``, ``knn_top5`` on rank 0, {} elsewhere; as
     ``invariance_during_training``, every rank calls it (gathering the teacher may be collective) and rank 0
     alone extracts the features; ``teacher_state`` as there. The model's random streams are left untouched."""
+    from sere_scale.eval.invariance import on_teacher_at
     e = cfg.eval
-    if e.knn_every <= 0 or step % e.knn_every >= cfg.train.log_every:
-        return {}
-    state = (teacher_state or engine.teacher_state_dict)()
-    if not info.is_main:
-        return {}
-    from sere_scale.eval.invariance import hook_backbone
-    with torch.random.fork_rng(devices=[]):
-        backbone = hook_backbone(cfg, engine, state, info.device)
+
+    def measure(backbone) -> dict:
         res = knn_accuracy(backbone, e.knn_train_path, e.val_path, e.eval_size or cfg.data.global_size, e.knn_k,
                            e.knn_t, cfg.data.batch_size, info.device)
-    return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+        return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+    return on_teacher_at(cfg, engine, step, e.knn_every, info, teacher_state, measure)
 
 
 def knn_main(args) -> int:

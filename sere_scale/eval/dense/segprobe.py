@@ -128,19 +128,13 @@ def dense_during_training(cfg, engine, step: int, info, teacher_state=None) -> d
     the ``val`` split of ``eval.dense_val_path`` (default: the same root) as the queries, images at short side
     ``eval.dense_size`` (default ``eval.eval_size``). As the k-NN hook: every rank calls it (gathering the
     teacher may be collective), rank 0 alone evaluates, the model's random streams are left untouched."""
-    import torch
-
+    from sere_scale.eval.invariance import on_teacher_at
     e = cfg.eval
-    if e.dense_every <= 0 or step % e.dense_every >= cfg.train.log_every:
-        return {}
-    state = (teacher_state or engine.teacher_state_dict)()
-    if not info.is_main:
-        return {}
-    from sere_scale.eval.invariance import hook_backbone
-    with torch.random.fork_rng(devices=[]):
-        backbone = hook_backbone(cfg, engine, state, info.device)
+
+    def measure(backbone) -> dict:
         res = run_segprobe(backbone, e.dense_train_path, "nn", e.dense_size or e.eval_size or cfg.data.global_size,
                            memory_size=e.dense_memory_size, num_classes=e.dense_num_classes or None,
                            ignore_index=e.dense_ignore_index if e.dense_num_classes else None, device=info.device,
                            val_root=e.dense_val_path or None)
-    return {"dense_miou": 100.0 * res["mIoU"] if res["mIoU"] is not None else float("nan")}
+        return {"dense_miou": 100.0 * res["mIoU"] if res["mIoU"] is not None else float("nan")}
+    return on_teacher_at(cfg, engine, step, e.dense_every, info, teacher_state, measure)
