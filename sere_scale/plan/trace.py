@@ -118,10 +118,10 @@ def _traceable():
         with unset_fake_temporarily():
             return real_mesh(*args, **kwargs)
 
-    def vote(ok, preempt, world_size):
+    def vote(ok, preempt, world_size, grad_ok=None):
         with contextlib.suppress(DataDependentOutputException):  # the all-reduce is traced; its host read is not
-            real_vote(ok, preempt, world_size)
-        return True, False
+            real_vote(ok, preempt, world_size, grad_ok)
+        return True, True, False  # (losses finite, gradient norm finite, preempted): as run/step.py:_vote
 
     fsdp.build_mesh, step_module._vote = build_mesh, vote
     chunked.DEFAULT_BLOCK_ELEMS = chunked.DEFAULT_BLOCK_ELEMS_CUDA
