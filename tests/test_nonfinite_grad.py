@@ -13,24 +13,13 @@ from sere_scale.run.metrics import read_metrics
 from sere_scale.run.nonfinite import NonFiniteLoss
 from sere_scale.run.train import train
 from tests.conftest import digits_subset
+from tests.dist.engines_run import InfGrad  # identity forward, inf gradients: finite loss, non-finite gradients
 from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, digits_root):
     return digits_subset(digits_root, tmp_path_factory.mktemp("small"), 3, 12)
-
-
-class _InfGrad(torch.autograd.Function):
-    """Identity forward; the backward sends inf into the graph (finite loss, non-finite gradients)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
 
 
 def bad_at(call, kind):
@@ -43,7 +32,7 @@ def bad_at(call, kind):
             out = super().forward(*a, **k)
             Bad.calls += 1
             if Bad.calls == call:
-                out["loss"] = out["loss"] * float("nan") if kind == "loss" else _InfGrad.apply(out["loss"])
+                out["loss"] = out["loss"] * float("nan") if kind == "loss" else InfGrad.apply(out["loss"])
             return out
     return Bad
 

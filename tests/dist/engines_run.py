@@ -152,7 +152,7 @@ def compare_states(a: dict, b: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------- probes (fp16 tests)
-class _InfGrad(torch.autograd.Function):
+class InfGrad(torch.autograd.Function):
     """Identity forward; the backward sends inf (an overflowing gradient) into the graph."""
 
     @staticmethod
@@ -268,7 +268,7 @@ def main():
                 if calls["n"] == nan_at:  # the loss of the nan_at-th forward call (counted from 1) becomes NaN
                     out["loss"] = out["loss"] * float("nan")
                 if calls["n"] == inf_at and info.rank == 0:
-                    out["loss"] = _InfGrad.apply(out["loss"])
+                    out["loss"] = InfGrad.apply(out["loss"])
                 return out
         try:
             out = train(cfg, resume=job.get("resume", False) or bool(job.get("reload") or job.get("resume_from")),
