@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sere_scale.data.demo_data import DAVIS_PALETTE, write_clips, write_scenes
+from sere_scale.data.demo_data import DAVIS_PALETTE, write_clips, write_pretrain_scenes, write_scenes
 from sere_scale.eval.dense import davis_data
 from sere_scale.eval.dense.layouts import find_dataset
 
@@ -68,6 +68,31 @@ def test_scene_masks_match_placements(tmp_path, sk, digits_root):
         assert len(ds) == n
         img, m = ds.load(0)
         assert img.size == (64, 64) and m.max() <= 10
+
+
+def test_pretraining_scenes_use_train_digits_only_and_are_an_image_folder(tmp_path, sk, digits_root):
+    """``make demo`` pretrains on these: never a val digit (the k-NN/linear val split, the val scenes, the clips),
+    never an image of the probes' scenes, and a folder the training loader reads (one class)."""
+    from sere_scale.data.folder import scan_folder
+    images, target = sk
+    out = write_pretrain_scenes(tmp_path / "p", n=20, seed=1)
+    rec = json.loads((out / "pretrain.json").read_text())["images"]
+    val_ids = {int(f.stem) for f in (digits_root / "val").rglob("*.png")}
+    assert len(rec) == 20 and sum(len(d) for d in rec.values()) >= 20 * 2 * 0.8
+    for name, digits in rec.items():
+        img = _read(out / "scenes" / f"{name}.png")
+        assert img.shape == (64, 64, 3)
+        for d in digits:
+            assert d["index"] not in val_ids and d["label"] == target[d["index"]] + 1
+            x, y, s = d["x"], d["y"], d["side"]
+            patch = img[y:y + s, x:x + s, 0].astype(float)
+            assert patch.max() > 150  # the digit's ink is drawn where recorded
+    items, classes = scan_folder(out)
+    assert classes == ["scenes"] and len(items) == 20
+    probe = write_scenes(tmp_path / "s", n_train=20, n_val=5)
+    probe_imgs = {(probe / "images" / sp / f).read_bytes() for sp in ("train", "val")
+                  for f in sorted(p.name for p in (probe / "images" / sp).iterdir())}
+    assert not probe_imgs & {f.read_bytes() for f in (out / "scenes").iterdir()}
 
 
 def test_clips_davis_layout_and_rigid_motion(tmp_path, sk):

@@ -104,12 +104,31 @@ def _place(rng, size, sizes, placed, tries=50):
     return None
 
 
+def _scene(rng, images, target, pool, size, n_digits, digit_size, n_clutter):
+    """One scene: a cluttered background with 2-3 non-overlapping digits of ``pool`` at random scales and
+    places. Returns (RGB uint8 image, L mask: 0 background, d + 1 under digit d's ink, digits record)."""
+    canvas = clutter_background(rng, size, n_clutter)
+    mask = np.zeros((size, size), np.uint8)
+    placed, digits = [], []
+    for _ in range(int(rng.integers(n_digits[0], n_digits[1] + 1))):
+        s = int(rng.integers(digit_size[0], digit_size[1] + 1))
+        xy = _place(rng, size, s, placed)
+        if xy is None:
+            continue
+        i = int(rng.choice(pool))
+        _paste(canvas, mask, glyph(images[i], s), *xy, int(target[i]) + 1, rng.uniform(0.8, 1.0))
+        placed.append((*xy, s))
+        digits.append({"index": i, "label": int(target[i]) + 1, "x": xy[0], "y": xy[1], "side": s})
+    return (np.repeat(canvas[..., None], 3, axis=2) * 255).round().astype(np.uint8), mask, digits
+
+
 def write_scenes(out: str | Path, n_train: int = 400, n_val: int = 100, size: int = 64,
                  n_digits: tuple[int, int] = (2, 3), digit_size: tuple[int, int] = (20, 32), n_clutter: int = 2,
                  seed: int = 0) -> Path:
     """Write ``out/images/{train,val}/NNNNN.png`` (RGB, grey) and ``out/masks/{train,val}/NNNNN.png`` (mode L:
     0 background, d + 1 where digit d's ink is drawn; 11 classes), and ``out/scenes.json``: for each image its
-    digits (sklearn index, label, x, y, side). Digits do not overlap. Idempotent; returns ``out``."""
+    digits (sklearn index, label, x, y, side). Digits do not overlap; train scenes draw train digits, val
+    scenes val digits (``digit_split``). Idempotent; returns ``out``."""
     out = Path(out)
     if (out / ".complete").exists():
         return out
@@ -123,23 +142,34 @@ def write_scenes(out: str | Path, n_train: int = 400, n_val: int = 100, size: in
         (out / "images" / name).mkdir(parents=True, exist_ok=True)
         (out / "masks" / name).mkdir(parents=True, exist_ok=True)
         for k in range(n):
-            canvas = clutter_background(rng, size, n_clutter)
-            mask = np.zeros((size, size), np.uint8)
-            placed, digits = [], []
-            for _ in range(int(rng.integers(n_digits[0], n_digits[1] + 1))):
-                s = int(rng.integers(digit_size[0], digit_size[1] + 1))
-                xy = _place(rng, size, s, placed)
-                if xy is None:
-                    continue
-                i = int(rng.choice(split[name]))
-                _paste(canvas, mask, glyph(images[i], s), *xy, int(target[i]) + 1, rng.uniform(0.8, 1.0))
-                placed.append((*xy, s))
-                digits.append({"index": i, "label": int(target[i]) + 1, "x": xy[0], "y": xy[1], "side": s})
-            rgb = (np.repeat(canvas[..., None], 3, axis=2) * 255).round().astype(np.uint8)
+            rgb, mask, digits = _scene(rng, images, target, split[name], size, n_digits, digit_size, n_clutter)
             Image.fromarray(rgb).save(out / "images" / name / f"{k:05d}.png")
             Image.fromarray(mask, mode="L").save(out / "masks" / name / f"{k:05d}.png")
             record["images"][f"{name}/{k:05d}"] = digits
     (out / "scenes.json").write_text(json.dumps(record))
+    (out / ".complete").write_text("ok\n")
+    return out
+
+
+def write_pretrain_scenes(out: str | Path, n: int = 1408, size: int = 64, n_digits: tuple[int, int] = (2, 3),
+                          digit_size: tuple[int, int] = (20, 32), n_clutter: int = 2, seed: int = 1) -> Path:
+    """Unlabelled scenes for pretraining (``make demo``): ``out/scenes/NNNNN.png``, an image folder of one class,
+    drawn as ``write_scenes`` draws them but from the train digits only and another seed, so that no image of
+    an evaluation split (digits val, scenes train/val, clips) is seen in pretraining; ``out/pretrain.json``
+    records each image's digits. Idempotent; returns ``out``."""
+    out = Path(out)
+    if (out / ".complete").exists():
+        return out
+    images, target = _load()
+    pool = digit_split(len(target))["train"]
+    rng = np.random.default_rng(seed)
+    (out / "scenes").mkdir(parents=True, exist_ok=True)
+    record = {"size": size, "images": {}}
+    for k in range(n):
+        rgb, _, digits = _scene(rng, images, target, pool, size, n_digits, digit_size, n_clutter)
+        Image.fromarray(rgb).save(out / "scenes" / f"{k:05d}.png")
+        record["images"][f"{k:05d}"] = digits
+    (out / "pretrain.json").write_text(json.dumps(record))
     (out / ".complete").write_text("ok\n")
     return out
 
