@@ -58,6 +58,10 @@ def check_ranges(cfg) -> None:
               "a size must be >= 1")
     _unit(il, "image_loss", ("center_momentum",))
     _req(il.warmup_teacher_temp_epochs >= 0, "image_loss.warmup_teacher_temp_epochs", "must be >= 0")
+    _req(il.koleo_weight >= 0, "image_loss.koleo_weight", f"a loss weight must be >= 0, got {il.koleo_weight!r}")
+    _req(il.sinkhorn_iterations >= 1, "image_loss.sinkhorn_iterations", f"must be >= 1, got {il.sinkhorn_iterations!r}")
+    _req(il.koleo_weight == 0 or cfg.data.batch_size >= 2, "image_loss.koleo_weight",
+         f"KoLeo needs data.batch_size >= 2 (a nearest neighbour in the rank's batch), got {cfg.data.batch_size}")
     _req(il.patch_weight >= 0, "image_loss.patch_weight", f"must be >= 0, got {il.patch_weight!r}")
     lo, hi = il.mask_aspect
     _req(0 < lo <= hi, "image_loss.mask_aspect", f"needs 0 < low <= high, got {list(il.mask_aspect)}")

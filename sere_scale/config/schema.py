@@ -55,11 +55,17 @@ class ImageLossConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = False
+    head_bn: bool = False  # DINO's use_bn_in_head: BatchNorm (synced across ranks) after the hidden layers
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
+    # collapse guards (dinov2): the teacher's targets by a running center (DINO, iBOT) or Sinkhorn-Knopp
+    # (losses/sinkhorn.py), and the KoLeo spreading term on the student's CLS (losses/koleo.py; 0: off)
+    centering: Literal["center", "sinkhorn_knopp"] = "center"
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.0
     # iBOT masked image modelling
     mask_prob: float = 0.5  # probability that an image of a global view is masked at all
     mask_ratio: tuple[float, float] = (0.1, 0.5)

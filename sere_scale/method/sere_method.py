@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sere_scale.losses import ChannelRelationLoss, DINOLoss, IBOTPatchLoss, SpatialRelationLoss
+from sere_scale.losses.koleo import koleo_loss
 from sere_scale.losses.mocov3 import MoCoV3Loss
 from sere_scale.losses.sere import tokens_to_map
 
@@ -31,8 +32,12 @@ class SEREMethod(nn.Module):
         self.out_dim = il.out_dim
         self.w_image, self.alpha, self.beta = s.w_image, s.alpha, s.beta
         self.patch_weight = il.patch_weight
-        self.dino = DINOLoss(il.out_dim, il.student_temp, il.center_momentum) if il.kind in ("dino", "ibot") else None
-        self.ibot = IBOTPatchLoss(il.out_dim, il.student_temp, il.center_momentum) if il.kind == "ibot" else None
+        guard = (il.centering, il.sinkhorn_iterations)
+        self.dino = DINOLoss(il.out_dim, il.student_temp, il.center_momentum, *guard) \
+            if il.kind in ("dino", "ibot") else None
+        self.ibot = IBOTPatchLoss(il.out_dim, il.student_temp, il.center_momentum, *guard) \
+            if il.kind == "ibot" else None
+        self.koleo_weight = il.koleo_weight
         self.mocov3 = MoCoV3Loss(il.moco_temp) if il.kind == "mocov3" else None
         self.spatial = SpatialRelationLoss(s.heads or num_heads, s.spatial_size_global, s.spatial_size_local,
                                            s.tau_p, s.student_tau_p, s.relation_impl)
@@ -95,6 +100,10 @@ class SEREMethod(nn.Module):
         loss_channel = self.channel(self._views(t_out["channel"], ng), s_ch)
 
         loss = self.w_image * loss_image + self.alpha * loss_spatial + self.beta * loss_channel
+        if self.koleo_weight > 0:  # dinov2: the sum over the global views of KoLeo on the backbone's CLS
+            loss_koleo = sum(koleo_loss(c) for c in self._views(s_g["cls"], ng))
+            loss = loss + self.koleo_weight * loss_koleo
+            out["loss_koleo"] = loss_koleo.detach()
         with torch.no_grad():
             f = F.normalize(s_g["cls"].float(), dim=-1)
             out["feature_std"] = f.std(0).mean() * math.sqrt(f.shape[1])

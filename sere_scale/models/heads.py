@@ -34,13 +34,21 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """3-layer MLP (GELU) → bottleneck → L2 normalise → weight-normalised linear to K prototypes."""
+    """3-layer MLP (GELU) → bottleneck → L2 normalise → weight-normalised linear to K prototypes. ``use_bn``
+    (DINO's ``use_bn_in_head``, iBOT's ``use_bn``): a BatchNorm after each hidden linear layer, over every token
+    given (iBOT's CLS and patch tokens together), its statistics all-reduced across ranks (``SyncTokenBatchNorm``,
+    as DINO converts it to ``SyncBatchNorm``)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = True):
+                 norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+
+        def bn() -> list:
+            return [SyncTokenBatchNorm(hidden_dim)] if use_bn else []
+
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), *bn(), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), *bn(), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

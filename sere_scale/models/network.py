@@ -78,7 +78,8 @@ def build_network(cfg, teacher: bool = False) -> SERENet:
                            dino_pos_embed=cfg.model.dino_vit)
     head = None
     if il.kind in ("dino", "ibot"):
-        head = DINOHead(backbone.embed_dim, il.out_dim, il.hidden_dim, il.bottleneck_dim, il.norm_last_layer)
+        head = DINOHead(backbone.embed_dim, il.out_dim, il.hidden_dim, il.bottleneck_dim, il.norm_last_layer,
+                        il.head_bn)
     elif il.kind == "mocov3":
         head = MoCoV3Head(backbone.embed_dim, il.moco_hidden_dim, il.moco_out_dim)
     return SERENet(backbone, head, patch_logits=(il.kind == "ibot"), with_local=cfg.data.n_local > 0,

@@ -1,17 +1,19 @@
 """The plans of one config at N GPUs: which backends are traced (DDP, FSDP2 full/grad_op/hybrid) and which are
-modelled (DeepSpeed ZeRO-1/2/3: DeepSpeed's estimators + the DDP trace's activations + an analytic count of
-its collectives), both settings of activation checkpointing, and smaller batches per GPU (with gradient
-accumulation keeping the global batch) when nothing fits."""
+modelled (DeepSpeed ZeRO-1/2/3: DeepSpeed's own partitioning and collective rules applied to the model's layout,
+exact in bytes, + the DDP trace's activations and method collectives), both settings of activation
+checkpointing, and smaller batches per GPU (with gradient accumulation keeping the global batch) when nothing
+fits."""
 from __future__ import annotations
+
+import torch
 
 from sere_scale.plan.comm import Collective
 from sere_scale.plan.estimate import Plan, evaluate, recommend
-from sere_scale.plan.model_states import deepspeed_model_states
+from sere_scale.plan.model_states import (ZeroLayout, called_modules, deepspeed_model_states, zero12_partitions,
+                                          zero3_partition, zero_layout)
 from sere_scale.plan.trace import Trace, trace_step
 
 BACKENDS = ("ddp", "fsdp:full", "fsdp:grad_op", "fsdp:hybrid", "deepspeed:1", "deepspeed:2", "deepspeed:3")
-# DeepSpeed's bucket size in elements (engine/deepspeed_config.py: reduce/allgather/prefetch buckets)
-DS_BUCKET = 50_000_000
 
 
 def backend_overrides(name: str, gpus_per_node: int) -> list[str]:
@@ -30,34 +32,65 @@ def configured_backend(cfg) -> str:
     return {"ddp": "ddp", "fsdp": f"fsdp:{e.fsdp_strategy}", "deepspeed": f"deepspeed:{e.zero_stage}"}[e.backend]
 
 
-def _chunks(kind: str, total: int, bucket_bytes: int, group: tuple) -> list:
+def _chunks(kind: str, elems: int, bucket: int, elem_bytes: int, group: tuple) -> list:
+    """``elems`` elements moved in calls of at most ``bucket`` elements (DeepSpeed's bucket sizes)."""
     out = []
-    while total > 0:
-        out.append(Collective(kind, min(total, bucket_bytes), group))
-        total -= bucket_bytes
+    while elems > 0:
+        out.append(Collective(kind, elem_bytes * min(elems, bucket), group))
+        elems -= bucket
     return out
 
 
-def deepspeed_calls(stage: int, ddp: Trace, accum: int) -> list:
-    """DeepSpeed's collectives per optimizer step, counted from the model (analytic): gradients reduce-scattered
-    in fp32 (``communication_data_type``); ZeRO-1/2: the updated bf16 parameters all-gathered, the EMA
-    teacher's fp32 fragments all-gathered; ZeRO-3: bf16 parameters all-gathered in forward and again in
-    backward (no persistence), the teacher's bf16 partitions gathered for its forward. Plus the method's and
-    the step's own collectives from the DDP trace, the vote once per micro-batch (DeepSpeed votes before every
-    backward)."""
-    c, world = ddp.counts, ddp.world
+# run/step.py _vote: one all-reduce of three fp32 flags; DeepSpeed votes before every micro-batch's backward
+VOTE_BYTES = 3 * 4
+_DS_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def deepspeed_calls(stage: int, ddp: Trace, layout: ZeroLayout, accum: int, ds: dict, lowp_bytes: int) -> list:
+    """DeepSpeed's collectives per optimizer step, by DeepSpeed's own rules (deepspeed 0.19, checked against real
+    gloo ranks in tests/test_plan_exact.py), plus the method's and the step's own collectives traced under DDP
+    (one vote per micro-batch instead of one per step). ``ds``: our generated DeepSpeed config (bucket sizes,
+    ``communication_data_type``); ``lowp_bytes``: the element size of the compute parameters.
+
+    * ZeRO-1/2: the gradients all-reduced in the communication dtype (DeepSpeed's ZeRO-1/2 "reduce-scatter" is an
+      all-reduce of each bucket, ``use_multi_rank_bucket_allreduce``), unpadded, once per step (ZeRO-1: at the
+      accumulation boundary) or once per micro-batch (ZeRO-2); at the step an overflow flag (1 byte, bf16/fp16
+      only) and one fp32 norm per param group all-reduced; the updated parameters all-gathered (each group's
+      flat buffer padded to 2 × world elements); the EMA teacher's fp32 fragments all-gathered
+      (``engine/deepspeed.py``'s ``_FragmentEMA``: world × the largest rank's fragments).
+    * ZeRO-3, per micro-batch: the teacher's and the student's parameters gathered once each (those of modules
+      that run, each parameter padded to a multiple of world; they stay gathered from the forward through the
+      backward: DeepSpeed's ``stage3_max_live_parameters`` / ``max_reuse_distance`` of 1e9 elements exceed our
+      models), the gradients reduce-scattered in the communication dtype (padded likewise); at the step one
+      fp64 norm per param group (one ZeRO-3 sub-group each, below ``sub_group_size`` = 1e9 elements per rank).
+
+    Bytes per type are DeepSpeed's to the byte; the split into calls follows the bucket sizes (modelled)."""
+    world = ddp.world
     group = tuple(range(world))
-    traced = ddp.calls[:ddp.n_traced]
-    vote = [x for x in traced if x.nbytes == 8 and x.kind == "all_reduce"][:1]
-    calls = traced + vote * (accum - 1)
-    calls += _chunks("reduce_scatter", 4 * c["trainable"], 4 * DS_BUCKET, group)
+    zo = ds["zero_optimization"]
+    comm = _DS_DTYPE_BYTES[ds["communication_data_type"]] if "communication_data_type" in ds else lowp_bytes
+    calls = ddp.calls[:ddp.n_traced] + [Collective("all_reduce", VOTE_BYTES, group)] * (accum - 1)
+    trainable = [n for g in layout.groups for n in g]
     if stage in (1, 2):
-        calls += _chunks("all_gather", 2 * c["student"], 2 * DS_BUCKET, group)
-        calls += _chunks("all_gather", 4 * c["teacher"], 4 * DS_BUCKET, group)
-    else:
-        calls += _chunks("all_gather", 2 * 2 * c["student"] * accum, 2 * DS_BUCKET, group)
-        calls += _chunks("all_gather", 2 * c["teacher"] * accum, 2 * DS_BUCKET, group)
-    return calls
+        for _ in range(accum if stage == 2 else 1):
+            calls += _chunks("all_reduce", sum(trainable), int(zo["reduce_bucket_size"]), comm, group)
+        calls += [Collective("all_reduce", 1, group)] * (lowp_bytes < 4)
+        calls += [Collective("all_reduce", 4, group)] * len(layout.groups)
+        parts = zero12_partitions(layout, world)
+        for n in parts:
+            calls += _chunks("all_gather", world * n, int(zo["allgather_bucket_size"]), lowp_bytes, group)
+        if world > 1:
+            width = max(sum(min(n, max(0, sum(g) - r * n)) for g, n in zip(layout.groups, parts))
+                        for r in range(world))
+            calls.append(Collective("all_gather", 4 * world * width, group))
+        return calls
+    prefetch = int(zo.get("stage3_prefetch_bucket_size", zo["reduce_bucket_size"]))
+    for _ in range(accum):
+        for used in (layout.teacher_used, layout.student_used):
+            calls += _chunks("all_gather", world * zero3_partition(used, world), prefetch, lowp_bytes, group)
+        calls += _chunks("reduce_scatter", world * zero3_partition(trainable, world), int(zo["reduce_bucket_size"]),
+                         comm, group)
+    return calls + [Collective("all_reduce", 8, group)] * len(layout.groups)
 
 
 def relation_workspace_bound() -> int:
@@ -74,15 +107,37 @@ def _plan_from_trace(name: str, tr: Trace, cfg) -> Plan:
                 tr.flops, "traced" + ("; " + "; ".join(tr.notes) if tr.notes else ""), dict(tr.held))
 
 
-def _plan_deepspeed(name: str, ddp: Trace, cfg, world: int, gpn: int) -> Plan:
+DS_SOURCE = ("analytic: DeepSpeed's partitioning and collective rules (deepspeed 0.19) applied to the model's "
+             "param groups: collective bytes per type and model states exact (checked on real gloo ranks); call "
+             "splits by bucket modelled; activations from the DDP trace; ZeRO-1/2's reduce buckets during the "
+             "backward not counted")
+
+
+def plan_deepspeed(name: str, ddp: Trace, layout: ZeroLayout, cfg, world: int) -> Plan:
+    """The plan of ``deepspeed:STAGE`` from the DDP trace of the same config and the model's ``ZeroLayout``.
+    Precision ``auto`` is planned as on the GPUs (bf16)."""
+    from sere_scale.engine.deepspeed_config import deepspeed_config
+    from sere_scale.engine.precision import lowp_dtype, resolve_precision
     stage = int(name.partition(":")[2])
-    states = deepspeed_model_states(stage, ddp.counts, world, gpn)
-    buffers = ddp.held.get("buffers", 0)
-    states["buffers"] = buffers
+    precision = resolve_precision(cfg.train.precision, torch.device("cuda"))
+    ds = deepspeed_config(cfg, world, precision)
+    lowp = lowp_dtype(precision)
+    lowp_bytes = 4 if lowp is None else lowp.itemsize
+    comm = _DS_DTYPE_BYTES[ds["communication_data_type"]] if "communication_data_type" in ds else lowp_bytes
+    states = deepspeed_model_states(stage, layout, world, lowp_bytes, comm,
+                                    int(ds["zero_optimization"]["reduce_bucket_size"]))
+    states["buffers"] = ddp.held.get("buffers", 0)
     return Plan("deepspeed", f"zero{stage}", cfg.data.batch_size, cfg.train.grad_accum,
                 bool(cfg.model.checkpoint_activations), sum(states.values()), ddp.activations_bytes,
-                deepspeed_calls(stage, ddp, cfg.train.grad_accum), ddp.flops,
-                "analytic: DeepSpeed estimators + DDP-traced activations + modelled collectives", states)
+                deepspeed_calls(stage, ddp, layout, cfg.train.grad_accum, ds, lowp_bytes), ddp.flops, DS_SOURCE,
+                states)
+
+
+def trace_with_layout(cfg, world: int) -> tuple:
+    """``trace_step`` of a DDP config with the modules it ran recorded: (Trace, ZeroLayout)."""
+    with called_modules() as called:
+        tr = trace_step(cfg, world)
+    return tr, zero_layout(called)
 
 
 def _with_other_ac(p: Plan, delta_act: int, delta_flops: int) -> Plan:
@@ -104,7 +159,7 @@ def make_plans(load, world: int, gpn: int, backends, mem_limit: float, max_halvi
     plans_all = []
     for _ in range(max_halvings + 1):
         size = [f"data.batch_size={batch}", f"train.grad_accum={accum}"]
-        traced, plans = {}, []
+        traced, plans, layout = {}, [], None
         need = [b for b in backends if not b.startswith("deepspeed")]
         if any(b.startswith("deepspeed") for b in backends) and "ddp" not in need:
             need.append("ddp")
@@ -113,11 +168,15 @@ def make_plans(load, world: int, gpn: int, backends, mem_limit: float, max_halvi
                 log(f"fsdp:hybrid left out: {world} GPUs are not several nodes of {gpn}")
                 continue
             log(f"tracing {name} at {world} ranks, batch {batch}/GPU ...")
-            traced[name] = trace_step(load([*size, *backend_overrides(name, gpn)]), world)
+            cfg = load([*size, *backend_overrides(name, gpn)])
+            if name == "ddp":
+                traced[name], layout = trace_with_layout(cfg, world)
+            else:
+                traced[name] = trace_step(cfg, world)
         for name in backends:
             if name.startswith("deepspeed"):
-                plans.append(_plan_deepspeed(name, traced["ddp"], load([*size, *backend_overrides(name, gpn)]),
-                                             world, gpn))
+                plans.append(plan_deepspeed(name, traced["ddp"], layout, load([*size, *backend_overrides(name, gpn)]),
+                                            world))
             elif name in traced:
                 plans.append(_plan_from_trace(name, traced[name], load([*size, *backend_overrides(name, gpn)])))
         # the other activation-checkpointing setting, traced once (the first traced backend) and applied to all

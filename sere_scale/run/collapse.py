@@ -42,11 +42,13 @@ log = logging.getLogger("sere_scale")
 
 REMEDIES = {
     "uniform": "lower image_loss.teacher_temp or a longer image_loss.warmup_teacher_temp_epochs, a smaller "
-               "image_loss.out_dim, a larger data.batch_size, a higher optim.momentum_teacher, check optim.base_lr",
+               "image_loss.out_dim, a larger data.batch_size, a higher optim.momentum_teacher, check optim.base_lr; "
+               "the collapse guards image_loss.centering=sinkhorn_knopp, image_loss.koleo_weight (0.1), "
+               "image_loss.head_bn=true; or image_loss.kind=mocov3, which cannot go uniform",
     "one_hot": "the teacher temperature is too low (raise image_loss.teacher_temp / warmup_teacher_temp) or the "
                "centering too weak (image_loss.center_momentum < 1), check optim.base_lr",
     "features": "every image gets the same representation: check optim.base_lr and the teacher temperature, a "
-                "higher optim.momentum_teacher, a larger data.batch_size",
+                "higher optim.momentum_teacher, a larger data.batch_size, image_loss.koleo_weight (0.1)",
 }
 MEANING = {"uniform": "the teacher's CLS distribution is uniform: the student learns nothing from it",
            "one_hot": "the teacher's CLS distribution is one-hot: one prototype takes every image",
