@@ -1,6 +1,6 @@
 """``sere-scale plan -c CONFIG --gpus N [--gpus-per-node 8] [--gpu h100|h200|a100-80g|a100-40g|b200|custom
 (--gpu-mem-gib --gpu-tflops --hbm-gbs)] [--intra-gbs] [--inter-gbs] [--backends ...] [--json OUT]
-[--calibrate PROFILE.json] [key=value ...]``
+[--calibrate PROFILE.json] [--processes P] [key=value ...]``
 
 Predicts, before renting the GPUs, per-rank memory (model states, activations with and without activation
 checkpointing, peak), per-step collective bytes and time, compute time, images/s per GPU and scaling
