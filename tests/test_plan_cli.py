@@ -85,6 +85,7 @@ def test_plan_command_writes_the_issue_json(tmp_path, capsys):
     (["--gpu", "custom"], "--gpu custom needs"),
     (["--backends", "ddp,zero9"], "--backends: unknown zero9"),
     (["--calibrate", "/nonexistent/profile.json"], "--calibrate: cannot read"),
+    (["--processes", "0"], "--processes must be at least 1"),
 ])
 def test_bad_input_is_named(args, message, capsys):
     assert main(["plan", *TINY, "data.path=unused", "--gpus", "8", *args]) == 2
