@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESERVE_S = 8.0  # kept back at the end of the budget for the last summary
 TAIL_LINES = 40
 B16 = "configs/ibot_sere_vit_b16.yaml"
+L16 = "configs/ibot_sere_vit_l16_fsdp.yaml"
 
 
 @dataclass
@@ -149,6 +150,13 @@ def plan(device: str, py: str, work: Path) -> list:
              "--out", str(j), *engine_over, *precision],
             90, 30, parse_file_json("json"), needs="deepspeed" if backend.startswith("zero") else "",
             title=f"Engine step {backend} {prec}", json=j)
+
+    j = work / "plan_memory.json"
+    pm = (["--configs", f"{B16},{L16}", "--backends", "ddp,fsdp:full", "--batch", "32", "--steps", "2", "--timeout",
+           "100"] if cuda else ["--configs", "configs/demo.yaml", "--backends", "ddp,fsdp:full", "--batch", "4",
+                                "--steps", "1", "--device", "cpu", "image_loss.out_dim=256"])
+    add("plan_memory", [py, "benchmarks/plan_gpu_check.py", *pm, "--json", str(j)], 150, 60,
+        parse_file_json("json"), title="Plan: predicted peak vs torch.cuda.max_memory_allocated", json=j)
 
     j = work / "decode_hazard.json"
     add("decode_hazard", [py, "benchmarks/decode_hazard.py", "--iters", "40" if cuda else "2", "--out", str(j)],
@@ -334,6 +342,21 @@ def _section_multicrop(p: dict) -> list:
     return lines
 
 
+def _section_plan_memory(rows: list) -> list:
+    lines = ["| config | backend | batch | predicted GiB | max_memory_allocated GiB | ratio | within 15 % |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['backend']} | – | – | – | – | error: "
+                         f"{r['error'].strip().splitlines()[-1][:120] if r['error'].strip() else '?'} |")
+            continue
+        real = r.get("max_memory_allocated")
+        lines.append(f"| {r['config']} | {r['backend']} | {r['batch']} | {r['predicted_peak_bytes'] / 2**30:.2f} | "
+                     f"{_f(real and real / 2**30, '.2f')} | {_f(r.get('ratio'), '.3f')} | "
+                     f"{r.get('within_15_percent')} |")
+    return lines
+
+
 def _section_hazard(p: dict) -> list:
     if "skipped" in p:
         return [f"skipped: {p['skipped']}"]
@@ -375,6 +398,7 @@ def build_summary(res: dict) -> str:
         ("profile_b16", "Profiler: full step vs bare backbones", _section_profile),
         ("decode_hazard", "nvJPEG writes into memory still in use? (pytorch/vision#9606)", _section_hazard),
         ("gpu_multicrop", "GPU multi-crop", _section_multicrop),
+        ("plan_memory", "Plan: predicted peak per GPU vs torch.cuda.max_memory_allocated", _section_plan_memory),
     ]
     for name, title, fn in sections:
         parsed = res["steps"].get(name, {}).get("parsed")

@@ -99,7 +99,36 @@ def test_cuda_plan_outputs_are_distinct_and_multicrop_gets_the_step_rate(tmp_pat
     argvs = {s.name: (s.argv(res) if callable(s.argv) else s.argv) for s in steps}
     outs = [a[a.index(flag) + 1] for a in argvs.values() for flag in ("--out", "--json") if flag in a]
     assert len(outs) == len(set(outs)) == len([s for s in steps if s.name.startswith(("engine", "relation",
-                                                                                      "decode", "gpu_multi"))])
+                                                                                      "decode", "gpu_multi",
+                                                                                      "plan"))])
     mc = argvs["gpu_multicrop"]
     assert mc[mc.index("--train-rate") + 1] == "700.0" and mc[mc.index("--out") + 1].endswith("gpu_multicrop.json")
     assert [s.name for s in steps][:4] == ["pytest", "relation_ce_fp32", "relation_ce_bf16", "profile_b16"]
+
+
+def test_plan_memory_step_dry_run_on_the_cpu(tmp_path):
+    """The GPU session's ``plan_memory`` step (benchmarks/plan_gpu_check.py) as its CPU dry run plans it, on one
+    backend: the plan's trace and real steps run, the row and its summary table come out; the comparison's
+    15 % rule by hand."""
+    import json
+    import subprocess
+
+    from tests.conftest import subprocess_env
+    gs = _driver()
+    step = next(s for s in gs.plan("cpu", sys.executable, tmp_path) if s.name == "plan_memory")
+    argv = list(step.argv)
+    argv[argv.index("--backends") + 1] = "ddp"
+    out = subprocess.run(argv, cwd=ROOT, env=subprocess_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = gs.parse_file_json("json")({}, step)
+    assert [(r["backend"], r["device"], r["max_memory_allocated"]) for r in rows] == [("ddp", "cpu", None)]
+    assert rows[0]["predicted_peak_bytes"] > rows[0]["batch_bytes"] > 0
+    md = gs.build_summary({"meta": {}, "steps": {"plan_memory": {"status": "ok", "parsed": rows}}})
+    assert "## Plan: predicted peak per GPU" in md and "| configs/demo.yaml | ddp | 4 |" in md
+    spec = importlib.util.spec_from_file_location("plan_gpu_check", ROOT / "benchmarks" / "plan_gpu_check.py")
+    pgc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pgc)
+    assert pgc.compare("c", "ddp", 8, 115, 100, 1, "gpu")["within_15_percent"] is True
+    assert pgc.compare("c", "ddp", 8, 84, 100, 1, "gpu")["within_15_percent"] is False
+    assert json.dumps(pgc.compare("c", "ddp", 8, 50, 100, 1, "gpu")["ratio"]) == "0.5"

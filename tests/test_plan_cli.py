@@ -15,8 +15,9 @@ def test_ring_times_by_hand():
     links = Links(gpus_per_node=8, intra_gbs=400, inter_gbs=50, latency_intra_s=1e-5, latency_inter_s=2e-5)
     world16 = tuple(range(16))
     # 1 GB all-reduce over 16 ranks on 2 nodes: 2·15/16·1e9 B / 50e9 B/s + 2e-5 s · log2(16)
+    # (the step's only gradient reduction is its last: exposed)
     over, block, by_type = comm_time([Collective("all_reduce", 10**9, world16)], 16, 16, links)
-    assert over == pytest.approx(2 * 15 / 16 * 10**9 / 50e9 + 4 * 2e-5) and block == 0
+    assert block == pytest.approx(2 * 15 / 16 * 10**9 / 50e9 + 4 * 2e-5) and over == 0
     # a 1 KiB all-gather inside one node of 8: (7/8)·1024 / 400e9 + 1e-5 · 3, on the critical path
     over, block, _ = comm_time([Collective("all_gather", 1024, tuple(range(8)))], 16, 16, links)
     assert over == 0 and block == pytest.approx(7 / 8 * 1024 / 400e9 + 3e-5)
@@ -24,6 +25,38 @@ def test_ring_times_by_hand():
     assert scaled_group(Collective("all_reduce", 1, world16), 16, 512, 8) == (512, True)
     assert scaled_group(Collective("all_gather", 1, tuple(range(8, 16))), 16, 512, 8) == (8, False)
     assert scaled_group(Collective("all_reduce", 1, (3, 11)), 16, 512, 8) == (64, True)
+
+
+def test_overlap_model_on_a_made_up_plan_by_hand():
+    """16 ranks on 2 nodes (50 GB/s, 20 µs per hop between them), compute 0.1 s (5e12 FLOPs at 50 % of 100
+    TFLOP/s): a 1 GB all-gather (exposed: the first unit), the 12-byte vote (exposed: latency-bound), a 1 GB
+    all-gather and a 2 GB reduce-scatter (overlapped), a last 2 GB reduce-scatter (exposed: after the backward)."""
+    from sere_scale.plan.estimate import Plan, evaluate
+    from sere_scale.plan.hardware import GPU
+    w = tuple(range(16))
+    calls = [Collective("all_gather", 10**9, w), Collective("all_reduce", 12, w), Collective("all_gather", 10**9, w),
+             Collective("reduce_scatter", 2 * 10**9, w), Collective("reduce_scatter", 2 * 10**9, w)]
+    links = Links(gpus_per_node=8, intra_gbs=400, inter_gbs=50, latency_intra_s=1e-5, latency_inter_s=2e-5)
+    gpu = GPU("made-up", 80 << 30, 100e12, 3000)
+    ag, rs = 15 / 16 * 1e9 / 50e9 + 8e-5, 15 / 16 * 2e9 / 50e9 + 8e-5  # 0.01883 s, 0.03758 s
+    vote = 2 * 15 / 16 * 12 / 50e9 + 8e-5
+    fsdp = evaluate(Plan("fsdp", "full", 4, 1, False, 0, 0, calls, 5 * 10**12, "made up"), 16, gpu, links, 0.5,
+                    curve=(16,))
+    step = ag + vote + rs + max(0.1, ag + rs)  # 0.05649 + 0.1
+    assert fsdp["per_step"]["compute_s"] == pytest.approx(0.1)
+    assert fsdp["per_step"]["step_s"] == pytest.approx(step)
+    assert fsdp["per_step"]["comm_s"] == pytest.approx(2 * ag + vote + 2 * rs)
+    assert fsdp["images_per_s_per_gpu"] == pytest.approx(4 / step)
+    assert fsdp["scaling_efficiency"] == pytest.approx(0.1 / step)  # 0.639
+    # ZeRO-2: both all-gathers follow the optimizer step, nothing to hide them behind
+    zero2 = evaluate(Plan("deepspeed", "zero2", 4, 1, False, 0, 0, calls, 5 * 10**12, "made up"), 16, gpu, links,
+                     0.5, curve=(16,))
+    assert zero2["per_step"]["step_s"] == pytest.approx(2 * ag + vote + rs + max(0.1, rs))
+    # compute-bound no more: ten times the overlapped bytes exceed the compute
+    big = [calls[0], Collective("all_gather", 10**10, w), calls[-1]]
+    p = evaluate(Plan("fsdp", "full", 4, 1, False, 0, 0, big, 5 * 10**12, "made up"), 16, gpu, links, 0.5,
+                 curve=(16,))
+    assert p["per_step"]["step_s"] == pytest.approx(ag + rs + (15 / 16 * 1e10 / 50e9 + 8e-5))
 
 
 def test_plan_command_writes_the_issue_json(tmp_path, capsys):
@@ -52,6 +85,7 @@ def test_plan_command_writes_the_issue_json(tmp_path, capsys):
     (["--gpu", "custom"], "--gpu custom needs"),
     (["--backends", "ddp,zero9"], "--backends: unknown zero9"),
     (["--calibrate", "/nonexistent/profile.json"], "--calibrate: cannot read"),
+    (["--processes", "0"], "--processes must be at least 1"),
 ])
 def test_bad_input_is_named(args, message, capsys):
     assert main(["plan", *TINY, "data.path=unused", "--gpus", "8", *args]) == 2

@@ -1,6 +1,6 @@
 """``sere-scale plan -c CONFIG --gpus N [--gpus-per-node 8] [--gpu h100|h200|a100-80g|a100-40g|b200|custom
 (--gpu-mem-gib --gpu-tflops --hbm-gbs)] [--intra-gbs] [--inter-gbs] [--backends ...] [--json OUT]
-[--calibrate PROFILE.json] [key=value ...]``
+[--calibrate PROFILE.json] [--processes P] [key=value ...]``
 
 Predicts, before renting the GPUs, per-rank memory (model states, activations with and without activation
 checkpointing, peak), per-step collective bytes and time, compute time, images/s per GPU and scaling
@@ -30,6 +30,8 @@ def add_parser(sub):
                    help="a `sere-scale profile` result from one GPU: its measured step replaces the FLOPs model")
     p.add_argument("--backends", default="all",
                    help=f"comma-separated subset of {','.join(BACKENDS)}, 'configured' or 'all'")
+    p.add_argument("--processes", type=int, metavar="P",
+                   help="trace in P processes side by side (default: one per CPU core)")
     p.add_argument("--json", metavar="OUT", help="write the plan as JSON")
     p.add_argument("--md", metavar="OUT", help="write the markdown table")
     p.add_argument("--plot", metavar="OUT_PNG", help="write the scaling curve")
@@ -79,6 +81,8 @@ def build_result(args, log=print) -> dict:
     from sere_scale.plan.report import launch_lines
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise ConfigError("--gpus and --gpus-per-node must be at least 1")
+    if getattr(args, "processes", None) is not None and args.processes < 1:
+        raise ConfigError("--processes must be at least 1")
     try:
         gpu = gpu_spec(args.gpu, args.gpu_mem_gib, args.gpu_tflops, args.hbm_gbs)
     except ValueError as e:
@@ -91,7 +95,7 @@ def build_result(args, log=print) -> dict:
         return load_config(args.config, [*args.overrides, *precision, "data.num_workers=0", *extra])
     calib = _calibration(args.calibrate)
     plans = make_plans(load, args.gpus, args.gpus_per_node, _backends(args.backends, base),
-                       USABLE * gpu.mem_bytes, log=log)
+                       USABLE * gpu.mem_bytes, log=log, processes=getattr(args, "processes", None))
     rows, best = plan_rows(plans, args.gpus, gpu, links, args.mfu, calib)
     return {
         "gpus": args.gpus, "plans": rows, "recommended": best,

@@ -19,11 +19,12 @@ def synthetic_batch(cfg, batch_size: int, patch_size: int, seed: int = 0, width:
     r = AugmentRecipe.from_config(cfg)
     V, sizes = r.n_views, r.sizes()
     crops = [torch.randn(batch_size, 3, s, s, generator=g) for s in sizes]
-    boxes = torch.zeros(batch_size, V, 4)
-    for b in range(batch_size):
+    rows = []
+    for _ in range(batch_size):
         for v in range(V):
             top, left, h, w = sample_crop(width, height, r.scale(v), r.ratio)
-            boxes[b, v] = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
+            rows.append([left / width, top / height, (left + w) / width, (top + h) / height])
+    boxes = torch.tensor(rows, dtype=torch.float32).reshape(batch_size, V, 4)  # one tensor (cheap under fake mode)
     flips = torch.rand(batch_size, V, generator=g) < r.flip_p
     hm = d.global_size // patch_size
     gen = MaskGenerator(il.mask_prob, il.mask_ratio, il.mask_aspect)

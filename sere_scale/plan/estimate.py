@@ -5,10 +5,14 @@ traced activations and an analytic count of its collectives.
 Time model (modelled, not measured; docs/SCALING.md): a collective of B bytes over a group of n ranks takes
 ``f·B/bw + latency`` with f = 2(n−1)/n (all-reduce), (n−1)/n (all-gather, reduce-scatter), 1 (broadcast); bw is
 the within-node bandwidth when the group stays in a node, the per-GPU between-node bandwidth otherwise.
-Collectives of at least ``OVERLAP_MIN_BYTES`` (parameter all-gathers, gradient reduce-scatters and
-all-reduces) overlap with compute; smaller ones (SyncBN, centers, the vote) sit on the critical path:
-``step = max(compute, overlapped) + blocking``. Compute = FLOPs / (peak · MFU), or a measured step scaled by
-FLOPs (``--calibrate``).
+Overlap (``exposed``): a collective is hidden behind compute only when there is compute to hide it behind;
+exposed (on the critical path) are the latency-bound ones (< ``OVERLAP_MIN_BYTES``: the vote, centers, SyncBN,
+MoCo's small gathers, norms), the step's first large all-gather (the first unit's parameters are needed before
+any compute: FSDP2's root, ZeRO-3's first module), its last large gradient reduction (the last bucket or unit
+is reduced after the backward's last compute), and ZeRO-1/2's parameter and teacher all-gathers (after the
+optimizer step, before the next forward). The others share one link (their times add up) and run beside the
+compute: ``step = exposed + max(compute, overlapped)``. Compute = FLOPs / (peak · MFU), or a measured step
+scaled by FLOPs (``--calibrate``).
 """
 from __future__ import annotations
 
@@ -37,18 +41,35 @@ def scaled_group(c: Collective, world: int, to_world: int, gpn: int) -> tuple[in
     return size, size > 1 and to_world > gpn
 
 
-def comm_time(calls, world: int, to_world: int, links: Links) -> tuple[float, float, dict]:
-    """(overlapped seconds, blocking seconds, seconds by type) of the collectives at ``to_world`` ranks."""
+def exposed(calls, backend: str = "", strategy: str = "") -> set:
+    """Indices of ``calls`` (in step order) that no compute can hide (module docstring)."""
+    out = {i for i, c in enumerate(calls) if c.nbytes < OVERLAP_MIN_BYTES}
+    large = [i for i in range(len(calls)) if i not in out]
+    gathers = [i for i in large if calls[i].kind == "all_gather"]
+    reductions = [i for i in large if calls[i].kind in ("reduce_scatter", "all_reduce")]
+    if backend == "deepspeed" and strategy in ("zero1", "zero2"):
+        out.update(gathers)  # after the step: nothing left to compute
+    elif gathers:
+        out.add(gathers[0])
+    if reductions:
+        out.add(reductions[-1])
+    return out
+
+
+def comm_time(calls, world: int, to_world: int, links: Links, backend: str = "",
+              strategy: str = "") -> tuple[float, float, dict]:
+    """(overlapped seconds, exposed seconds, seconds by type) of the collectives at ``to_world`` ranks."""
     over = block = 0.0
     by_type = dict.fromkeys(TYPES, 0.0)
-    for c in calls:
+    hidden_never = exposed(calls, backend, strategy)
+    for i, c in enumerate(calls):
         n, cross = scaled_group(c, world, to_world, links.gpus_per_node)
         t = _FRACTION[c.kind](n) * c.nbytes / links.bandwidth(cross) + links.latency(n, cross)
         by_type[c.kind] += t
-        if c.nbytes >= OVERLAP_MIN_BYTES:
-            over += t
-        else:
+        if i in hidden_never:
             block += t
+        else:
+            over += t
     return over, block, by_type
 
 
@@ -88,7 +109,7 @@ def evaluate(plan: Plan, world: int, gpu: GPU, links: Links, mfu: float, calibra
     images = plan.batch_size * plan.grad_accum
 
     def at(n):
-        over, block, by_type = comm_time(plan.calls, world, n, links)
+        over, block, by_type = comm_time(plan.calls, world, n, links, plan.backend, plan.strategy)
         step = max(compute, over) + block
         return step, over + block, by_type
 

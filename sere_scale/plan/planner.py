@@ -11,6 +11,7 @@ from sere_scale.plan.comm import Collective
 from sere_scale.plan.estimate import Plan, evaluate, recommend
 from sere_scale.plan.model_states import (ZeroLayout, called_modules, deepspeed_model_states, zero12_partitions,
                                           zero3_partition, zero_layout)
+from sere_scale.plan.parallel import cpu_cores, run_jobs
 from sere_scale.plan.trace import Trace, trace_step
 
 BACKENDS = ("ddp", "fsdp:full", "fsdp:grad_op", "fsdp:hybrid", "deepspeed:1", "deepspeed:2", "deepspeed:3")
@@ -150,10 +151,11 @@ def _with_other_ac(p: Plan, delta_act: int, delta_flops: int) -> Plan:
 
 
 def make_plans(load, world: int, gpn: int, backends, mem_limit: float, max_halvings: int = 3,
-               log=print) -> list[Plan]:
+               log=print, processes: int | None = None) -> list[Plan]:
     """``load(extra_overrides) -> Config``; ``mem_limit``: usable bytes per GPU. Plans at the configured batch
     per GPU, then at halved batches (with doubled accumulation) until something fits, up to ``max_halvings``
-    times; each trace is one step."""
+    times; each trace is one step, the traces of one batch size run side by side in up to ``processes``
+    processes (``parallel.run_jobs``; default one per core)."""
     base = load([])
     batch, accum = base.data.batch_size, base.train.grad_accum
     plans_all = []
@@ -163,29 +165,31 @@ def make_plans(load, world: int, gpn: int, backends, mem_limit: float, max_halvi
         need = [b for b in backends if not b.startswith("deepspeed")]
         if any(b.startswith("deepspeed") for b in backends) and "ddp" not in need:
             need.append("ddp")
-        for name in need:
-            if name == "fsdp:hybrid" and (world <= gpn or world % gpn):
-                log(f"fsdp:hybrid left out: {world} GPUs are not several nodes of {gpn}")
-                continue
-            log(f"tracing {name} at {world} ranks, batch {batch}/GPU ...")
-            cfg = load([*size, *backend_overrides(name, gpn)])
-            if name == "ddp":
-                traced[name], layout = trace_with_layout(cfg, world)
-            else:
-                traced[name] = trace_step(cfg, world)
+        if "fsdp:hybrid" in need and (world <= gpn or world % gpn):
+            log(f"fsdp:hybrid left out: {world} GPUs are not several nodes of {gpn}")
+            need.remove("fsdp:hybrid")
+        # the other activation-checkpointing setting, traced once (the first traced backend) and applied to all
+        first = need[0]
+        flip = not load([*size, *backend_overrides(first, gpn)]).model.checkpoint_activations
+        jobs = {name: (trace_with_layout if name == "ddp" else trace_step,
+                       (load([*size, *backend_overrides(name, gpn)]), world)) for name in need}
+        jobs["flipped"] = (trace_step, (load([*size, *backend_overrides(first, gpn),
+                                              f"model.checkpoint_activations={flip}"]), world))
+        log(f"tracing {', '.join(need)} at {world} ranks, batch {batch}/GPU, and {first} with "
+            f"model.checkpoint_activations={str(flip).lower()} ({min(len(jobs), processes or cpu_cores())} "
+            "processes) ...")
+        order = sorted(jobs, key=lambda k: not k.startswith("fsdp"))  # the longest traces first
+        done = dict(zip(order, run_jobs([jobs[k] for k in order], processes)))
+        other = done.pop("flipped")
+        for name, res in done.items():
+            traced[name], layout = res if name == "ddp" else (res, layout)
+        traced = {name: traced[name] for name in need}
         for name in backends:
             if name.startswith("deepspeed"):
                 plans.append(plan_deepspeed(name, traced["ddp"], layout, load([*size, *backend_overrides(name, gpn)]),
                                             world))
             elif name in traced:
                 plans.append(_plan_from_trace(name, traced[name], load([*size, *backend_overrides(name, gpn)])))
-        # the other activation-checkpointing setting, traced once (the first traced backend) and applied to all
-        first = next(iter(traced))
-        cfg = load([*size, *backend_overrides(first, gpn)])
-        flip = not cfg.model.checkpoint_activations
-        log(f"tracing {first} with model.checkpoint_activations={str(flip).lower()} ...")
-        other = trace_step(load([*size, *backend_overrides(first, gpn), f"model.checkpoint_activations={flip}"]),
-                           world)
         d_act = other.activations_bytes - traced[first].activations_bytes
         d_flops = other.flops - traced[first].flops
         for p in list(plans):

@@ -10,6 +10,10 @@ profiler's FLOP counter. Two things cannot run on fake tensors and are handled h
 * the step's vote reads its all-reduced flags on the host (``tolist``): the all-reduce is traced; the reading
   is answered "every rank finite, none preempted";
 * the device mesh cannot be made under fake mode: FSDP's ``build_mesh`` runs with fake mode suspended;
+* FSDP2 shards a parameter by splitting it into N views (``_fsdp_param._chunk_with_empty``) and keeping one: at
+  N = 512 that is ~10⁵ fake tensors for a ViT-B, most of an FSDP trace's time. ``_Chunks`` makes only the
+  views FSDP reads (its rank's, and the first, padded one), each the same ``narrow`` view ``torch.chunk``
+  makes, so shapes, strides and storages are unchanged;
 * the traced step runs on the CPU, where the chunked relation kernel would use its CPU block (2**22 elements);
   it is traced with its CUDA block (``DEFAULT_BLOCK_ELEMS_CUDA``), as on a GPU without Triton (with Triton the
   fused kernel keeps less), which also cuts the trace's operator count by up to 16.
@@ -23,6 +27,7 @@ the gradients) are added from the traced parameters. DeepSpeed cannot be built u
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -110,9 +115,12 @@ def _traceable():
     """The adaptations of the module docstring, undone on exit."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, unset_fake_temporarily
 
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
     from sere_scale.engine import fsdp
     from sere_scale.kernels import chunked
     real_mesh, real_vote, cpu_block = fsdp.build_mesh, step_module._vote, chunked.DEFAULT_BLOCK_ELEMS
+    real_chunks = _fsdp_param._chunk_with_empty
 
     def build_mesh(*args, **kwargs):
         with unset_fake_temporarily():
@@ -125,11 +133,36 @@ def _traceable():
 
     fsdp.build_mesh, step_module._vote = build_mesh, vote
     chunked.DEFAULT_BLOCK_ELEMS = chunked.DEFAULT_BLOCK_ELEMS_CUDA
+    _fsdp_param._chunk_with_empty = _Chunks
     try:
         yield
     finally:
         fsdp.build_mesh, step_module._vote = real_mesh, real_vote
         chunked.DEFAULT_BLOCK_ELEMS = cpu_block
+        _fsdp_param._chunk_with_empty = real_chunks
+
+
+class _Chunks(Sequence):
+    """``torch.distributed.fsdp._fully_shard._fsdp_common._chunk_with_empty(tensor, n, dim)`` made lazily: chunk
+    ``i`` of ``torch.chunk`` (``narrow`` at ``i·⌈d/n⌉``, length up to ``⌈d/n⌉``), an empty 1-D tensor past the
+    last chunk ``torch.chunk`` returns, built only when read (module docstring)."""
+
+    def __init__(self, tensor: torch.Tensor, num_chunks: int, dim: int):
+        self.tensor, self.n, self.dim = tensor, num_chunks, dim
+        d = tensor.size(dim)
+        self.step = -(-d // num_chunks)
+        self.full = -(-d // self.step) if d else num_chunks   # chunks torch.chunk returns (n empty ones if d = 0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        if i < self.full:
+            d = self.tensor.size(self.dim)
+            return self.tensor.narrow(self.dim, i * self.step, min(self.step, d - i * self.step))
+        return self[0].new_empty(0)
 
 
 def ddp_gradient_allreduce(engine, world: int) -> list:

@@ -1,0 +1,42 @@
+"""The traces of one plan run side by side, one per CPU core.
+
+Each trace (``trace.trace_step``) is one ``train_step`` in its own fake world of N ranks, independent of the
+others, and single-threaded (Python dispatch of fake tensors): a plan of every backend (five traces at the
+configured batch) takes the sum of their times in one process, about half of it on two cores. Workers are
+forked from this process after its imports (torch, timm, DeepSpeed are not imported again); each sets torch to
+one thread, runs whole traces and sends back their results (``Trace``, ``ZeroLayout``: plain data). With one
+process, or one job, the traces run here, in order; the results are the same either way.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def _run(job):
+    fn, args = job
+    return fn(*args)
+
+
+def run_jobs(jobs: list, processes: int | None = None) -> list:
+    """``[fn(*args) for fn, args in jobs]``, computed by up to ``processes`` forked workers (default: one per
+    core); ``fn`` must be a module-level function. The longest jobs should come first (each worker takes the
+    next job when it is done)."""
+    n = min(len(jobs), processes or cpu_cores())
+    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_run(j) for j in jobs]
+    with multiprocessing.get_context("fork").Pool(n, initializer=_one_thread) as pool:
+        return pool.map(_run, jobs, chunksize=1)
