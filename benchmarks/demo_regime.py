@@ -22,8 +22,10 @@ one-hot), ``max_ratio_2nd_half`` its largest value over the second half of the r
 from the run's start event to its last logged step.
 
 ``demo_regime_2026-12-07.jsonl`` holds the figures of issue 27's regime search (15 runs; each line: run name, the
-overrides of configs/demo.yaml, the figures), measured on a 2-core machine shared with other jobs (load 10-14
-for most runs: train_s is 2-4x the unloaded time; the baseline's 102 s was measured at low load).
+overrides of configs/demo_ibot.yaml (then named configs/demo.yaml), the figures), measured on a 2-core machine
+shared with other jobs (load 10-14 for most runs: train_s is 2-4x the unloaded time; the baseline's 102 s was
+measured at low load). ``demo_regime_2026-12-07b.jsonl``: the second search (collapse guards, pretraining on
+scenes, MoCo v3), same format, overrides of configs/demo_ibot.yaml with ``data.path`` given in each line.
 """
 from __future__ import annotations
 

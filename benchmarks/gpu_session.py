@@ -127,7 +127,7 @@ def plan(device: str, py: str, work: Path) -> list:
 
     prof = work / "profile_b16"
     model = ["-c", B16, "--steps", "15", "--warmup", "3", "data.batch_size=64"] if cuda else \
-        ["-c", "configs/demo.yaml", "--steps", "2", "--warmup", "1", "data.batch_size=8", "image_loss.out_dim=256"]
+        ["-c", "configs/demo_ibot.yaml", "--steps", "2", "--warmup", "1", "data.batch_size=8", "image_loss.out_dim=256"]
     add("profile_b16", [py, "-m", "sere_scale", "profile", "--synthetic", "--baseline", *model,
                         f"output_dir={prof}"],
         150, 45, parse_profile, title="Profiler: iBOT+SERE step vs bare backbones", dir=prof)
@@ -153,7 +153,7 @@ def plan(device: str, py: str, work: Path) -> list:
 
     j = work / "plan_memory.json"
     pm = (["--configs", f"{B16},{L16}", "--backends", "ddp,fsdp:full", "--batch", "32", "--steps", "2", "--timeout",
-           "100"] if cuda else ["--configs", "configs/demo.yaml", "--backends", "ddp,fsdp:full", "--batch", "4",
+           "100"] if cuda else ["--configs", "configs/demo_ibot.yaml", "--backends", "ddp,fsdp:full", "--batch", "4",
                                 "--steps", "1", "--device", "cpu", "image_loss.out_dim=256"])
     add("plan_memory", [py, "benchmarks/plan_gpu_check.py", *pm, "--json", str(j)], 150, 60,
         parse_file_json("json"), title="Plan: predicted peak vs torch.cuda.max_memory_allocated", json=j)

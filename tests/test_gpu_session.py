@@ -125,7 +125,7 @@ def test_plan_memory_step_dry_run_on_the_cpu(tmp_path):
     assert [(r["backend"], r["device"], r["max_memory_allocated"]) for r in rows] == [("ddp", "cpu", None)]
     assert rows[0]["predicted_peak_bytes"] > rows[0]["batch_bytes"] > 0
     md = gs.build_summary({"meta": {}, "steps": {"plan_memory": {"status": "ok", "parsed": rows}}})
-    assert "## Plan: predicted peak per GPU" in md and "| configs/demo.yaml | ddp | 4 |" in md
+    assert "## Plan: predicted peak per GPU" in md and "| configs/demo_ibot.yaml | ddp | 4 |" in md
     spec = importlib.util.spec_from_file_location("plan_gpu_check", ROOT / "benchmarks" / "plan_gpu_check.py")
     pgc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pgc)

@@ -1,6 +1,6 @@
 """From traces to plans: per-rank memory, per-step collective bytes and time, compute time, images/s per GPU and
-scaling efficiency, at N GPUs and along the curve; DeepSpeed ZeRO-1/2/3 from DeepSpeed's estimators, the
-traced activations and an analytic count of its collectives.
+scaling efficiency, at N GPUs and along the curve; DeepSpeed ZeRO-1/2/3 from DeepSpeed's partition
+rules (plan/model_states.py), the traced activations and an analytic count of its collectives.
 
 Time model (modelled, not measured; docs/SCALING.md): a collective of B bytes over a group of n ranks takes
 ``f·B/bw + latency`` with f = 2(n−1)/n (all-reduce), (n−1)/n (all-gather, reduce-scatter), 1 (broadcast); bw is
