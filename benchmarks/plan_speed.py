@@ -22,7 +22,8 @@ from sere_scale.plan.parallel import cpu_cores
 
 
 def _cpu() -> float:
-    """CPU seconds of this process and of its finished children (the trace workers)."""
+    """CPU seconds of this process and of its finished children. The trace workers are the fork server's
+    children (plan/parallel.py), not this process's: with more than one process their CPU time is not in it."""
     return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 

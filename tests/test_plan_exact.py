@@ -34,6 +34,8 @@ CASES = {
         **{f"zero{z}": [*ZERO, "engine.backend=deepspeed", f"engine.zero_stage={z}"] for z in (1, 2, 3)}},
     4: {"ddp": [*ODD, "engine.backend=ddp"],
         "fsdp_full": [*ODD, "engine.backend=fsdp", "engine.fsdp_strategy=full"],
+        # 2 "nodes" of 2: sharded within a node (all-gather, reduce-scatter), replicated across (all-reduce)
+        "fsdp_hybrid": [*ODD, "engine.backend=fsdp", "engine.fsdp_strategy=hybrid", "engine.fsdp_node_size=2"],
         **{f"zero{z}": [*ODD, "train.precision=bf16", "engine.backend=deepspeed", f"engine.zero_stage={z}"]
            for z in (1, 2, 3)}},
 }

@@ -1,8 +1,10 @@
 """``sere-scale plan``'s tracing shortcuts: FSDP2's chunk views made lazily (``trace._Chunks``) are the views
-``torch.chunk`` makes, and traces run in forked workers (``parallel.run_jobs``) come back in order, as computed
-in this process."""
+``torch.chunk`` makes, and traces run in worker processes (``parallel.run_jobs``) come back in order, as computed
+in this process, and never inherit a lock another thread of the caller holds (a plain fork would: the suite
+once hung in a forked trace worker)."""
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -35,3 +37,33 @@ def test_forked_jobs_come_back_in_order():
     assert os.getpid() not in (pids_and_values[0], pids_and_values[3])  # computed in the workers
     serial = run_jobs(jobs, processes=1)
     assert serial[1:3] == pids_and_values[1:3] and serial[0] == serial[3] == os.getpid()
+
+
+LOCK = threading.Lock()
+
+
+def _takes_lock() -> bool:
+    ok = LOCK.acquire(timeout=5)
+    if ok:
+        LOCK.release()
+    return ok
+
+
+def test_workers_do_not_inherit_a_lock_held_by_another_thread():
+    """A thread of the caller holds a lock while the workers start (as torch's, gloo's or a test runner's threads
+    may): each worker must still take it (a child forked from this process would wait on it forever)."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with LOCK:
+            held.set()
+            release.wait(60)
+
+    t = threading.Thread(target=holder, daemon=True)
+    t.start()
+    held.wait(10)
+    try:
+        assert run_jobs([(_takes_lock, ()), (_takes_lock, ())], processes=2) == [True, True]
+    finally:
+        release.set()
+        t.join(10)
