@@ -67,3 +67,25 @@ def test_workers_do_not_inherit_a_lock_held_by_another_thread():
     finally:
         release.set()
         t.join(10)
+
+
+SERVER_FIRST = r"""
+import math
+from sere_scale.data.workers import mp_context
+from sere_scale.plan.parallel import run_jobs
+mp_context()  # the data loader's fork server, deaf to SIGTERM, started first as in a process that trained
+print(run_jobs([(math.factorial, (5,)), (pow, (2, 10)), (abs, (-3,))], processes=2))
+"""
+
+
+def test_workers_end_when_the_data_loaders_fork_server_was_started_first():
+    """The fork server is per process: after a data loader started it (SIGTERM held, data/workers.py), trace
+    workers forked from it must still end at the pool's exit (the suite once hung there, in Pool.terminate)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+    out = subprocess.run([sys.executable, "-c", SERVER_FIRST], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[120, 1024, 3]"

@@ -6,10 +6,11 @@ configured batch) takes the sum of their times in one process, about half of it 
 a fork server (``forkserver``; ``spawn`` where there is none), never from a plain ``fork`` of this process: the
 caller may hold threads (torch's intra-op pool, gloo, a data loader, a test runner), and a child forked while
 one of them holds a lock waits on it forever (seen: the suite hung 12 minutes in a forked trace worker). The
-fork server imports the planner once (``PRELOAD``, when this process starts the server) and forks each worker
-from its single thread; each worker sets torch to one thread, runs whole traces and sends back their results
-(``Trace``, ``ZeroLayout``: plain data). With one process, or one job, the traces run here, in order; the
-results are the same either way.
+fork server imports the planner once (``PRELOAD``, when this process starts the server; a server the data
+loader started first is reused) and forks each worker from its single thread; each worker restores the default
+handling of the job's signals (that server's are held), sets torch to one thread, runs whole traces and sends
+back their results (``Trace``, ``ZeroLayout``: plain data). With one process, or one job, the traces run here,
+in order; the results are the same either way.
 """
 from __future__ import annotations
 
@@ -25,8 +26,16 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _one_thread() -> None:
+def _worker_init() -> None:
+    """One torch thread, and the default handling of the job's signals: the fork server may be one that the data
+    loader started in this process, deaf to SIGTERM by design (data/workers.py), and a worker that inherits that
+    would outlive ``Pool.terminate`` (the pool's exit would wait for it forever)."""
+    import signal
+
     import torch
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     torch.set_num_threads(1)
 
 
@@ -54,5 +63,5 @@ def run_jobs(jobs: list, processes: int | None = None) -> list:
     n = min(len(jobs), processes or cpu_cores())
     if n <= 1:
         return [_run(j) for j in jobs]
-    with _context().Pool(n, initializer=_one_thread) as pool:
+    with _context().Pool(n, initializer=_worker_init) as pool:
         return pool.map(_run, jobs, chunksize=1)
