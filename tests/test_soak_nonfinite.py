@@ -1,5 +1,5 @@
 """Soak (issue 23, "Must show"): in the suite 12 steps per run so that it fits; ``SERE_SOAK_STEPS=300`` runs the
-issue's length (docs/PERFORMANCE.md records that run): 2 ranks, NaN crops injected on rank 1 only at random steps
+issue's length (docs/LAUNCH.md records that run): 2 ranks, NaN crops injected on rank 1 only at random steps
 (two in 12 steps, one per 50 beyond; a test hook on the method, ``tests/dist/engines_run.py``), under DDP, FSDP
 and ZeRO-3, with ``train.nonfinite=skip`` and ``stop``, all in one torchrun launch (its timeout is the watchdog).
 Shown: every checkpoint written holds only finite tensors (student and teacher, BatchNorm statistics included);
