@@ -34,6 +34,13 @@ def digits_root(tmp_path_factory):
     return write_digits(tmp_path_factory.mktemp("digits"), size=32)
 
 
+@pytest.fixture(scope="session")
+def data48(tmp_path_factory, digits_root):
+    """48 training digits (16 of each of the first 3 classes): the engines' and non-finite tests' small data, read
+    only."""
+    return digits_subset(digits_root, tmp_path_factory.mktemp("data48"), 3, 16)
+
+
 @pytest.fixture
 def python():
     return sys.executable

@@ -31,7 +31,7 @@ import torch
 from sere_scale.engine.checkpoint import find_latest
 from sere_scale.run.metrics import read_metrics
 import tests.capability as cap
-from tests.conftest import ROOT, digits_subset, subprocess_env
+from tests.conftest import ROOT, subprocess_env
 from tests.tiny import TINY
 
 WORKER = ROOT / "tests" / "dist" / "engines_run.py"
@@ -98,11 +98,6 @@ def assert_same_curve(a_dir, b_dir, rel):
     for ra, rb in zip(a[:n], b[:n]):
         for k in CURVE_KEYS:
             assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-7), (str(b_dir), ra["step"], k, ra[k], rb[k])
-
-
-@pytest.fixture(scope="module")
-def data48(tmp_path_factory, digits_root):
-    return digits_subset(digits_root, tmp_path_factory.mktemp("data48"), 3, 16)
 
 
 @pytest.fixture(scope="module")

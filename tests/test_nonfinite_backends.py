@@ -23,12 +23,6 @@ ONE = ["train.grad_accum=1", "checkpoint.every_steps=3"]
 
 
 @pytest.fixture(scope="module")
-def data48(tmp_path_factory, digits_root):
-    from tests.conftest import digits_subset
-    return digits_subset(digits_root, tmp_path_factory.mktemp("data48"), 3, 16)
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, data48):
     tmp = tmp_path_factory.mktemp("nonfinite_backends")
     skip, stop = ["train.nonfinite=skip", *ONE], ["train.nonfinite=stop", *ONE]

@@ -14,6 +14,7 @@ from sere_scale.run.nonfinite import NonFiniteLoss
 from sere_scale.run.train import train
 from tests.conftest import digits_subset
 from tests.dist.engines_run import InfGrad  # identity forward, inf gradients: finite loss, non-finite gradients
+from tests.test_train import _tensors  # every tensor of a nested checkpoint dict, by path
 from tests.tiny import tiny_config
 
 
@@ -37,19 +38,8 @@ def bad_at(call, kind):
     return Bad
 
 
-def _all_tensors(sd, prefix=""):
-    if isinstance(sd, torch.Tensor):
-        yield prefix, sd
-    elif isinstance(sd, dict):
-        for k, v in sd.items():
-            yield from _all_tensors(v, f"{prefix}/{k}")
-    elif isinstance(sd, (list, tuple)):
-        for i, v in enumerate(sd):
-            yield from _all_tensors(v, f"{prefix}/{i}")
-
-
 def _checkpoint_tensors(ck):
-    return dict(_all_tensors(torch.load(ck / "model.pt", weights_only=False)))
+    return dict(_tensors(torch.load(ck / "model.pt", weights_only=False)))
 
 
 def test_reproduction_huge_lr_stops_before_applying_a_nonfinite_gradient(tmp_path, small_data):

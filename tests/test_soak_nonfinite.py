@@ -33,12 +33,6 @@ def nan_steps(name: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def data48(tmp_path_factory, digits_root):
-    from tests.conftest import digits_subset
-    return digits_subset(digits_root, tmp_path_factory.mktemp("data48"), 3, 16)
-
-
-@pytest.fixture(scope="module")
 def soak(tmp_path_factory, data48):
     tmp = tmp_path_factory.mktemp("soak_nonfinite")
     skip, stop = ["train.nonfinite=skip", *COMMON], ["train.nonfinite=stop", *COMMON]
